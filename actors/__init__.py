@@ -1,0 +1,1 @@
+"""renderfarm.actors: Ray actors for each pipeline stage, around plain functions that run without Ray."""

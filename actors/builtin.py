@@ -1,0 +1,176 @@
+"""Builtin models generated in code from a fixed seed, so the farm runs without downloaded weights."""
+
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+END_OF_WORD = "</w>"
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+
+# Words the tiny tokenizer learns its BPE merges from: everyday English plus prompt vocabulary.
+MERGE_CORPUS = """
+a an the of and or in on at to with by from for under over near into through is are this that
+photo photograph painting portrait landscape illustration drawing sketch render poster closeup
+red orange yellow green blue purple pink white black gray brown golden silver dark bright pale
+fox cat dog horse bird owl wolf bear deer rabbit fish dragon lion tiger eagle whale butterfly
+lighthouse castle house city street forest mountain river lake ocean sea beach harbor cliff
+sky cloud sunset sunrise night moon star sun rain snow storm fog winter summer autumn spring
+tree flower garden field meadow desert island village bridge tower temple ruins road window
+man woman child girl boy person astronaut knight robot wizard king queen sailor painter
+beautiful detailed dramatic soft cinematic realistic surreal ancient futuristic cozy quiet
+light lighting shadow color colorful style art digital oil watercolor pencil ink canvas
+highly intricate trending masterpiece quality sharp focus wide angle lens camera studio
+standing sitting flying running walking glowing shining floating burning frozen
+"""
+NUM_MERGES = 400
+
+
+def build_tiny_sd(dest: Path) -> None:
+    """Save a small random-weight Stable Diffusion 1.x pipeline to `dest` in diffusers layout."""
+    # Imported here so that listing builtins stays cheap for processes that never build one.
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tokenizer_files:
+        vocab_file, merges_file = _write_bpe_files(Path(tokenizer_files))
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+
+    # fork_rng keeps the caller's global RNG untouched; model constructors draw from it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+        )
+        _rescale_untrained_unet(unet)
+        vae = AutoencoderKL(
+            sample_size=128,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 32, 32, 32),
+            norm_num_groups=8,
+            layers_per_block=1,
+            latent_channels=4,
+            scaling_factor=0.18215,
+        )
+
+    # Stable Diffusion 1.5's scheduler settings, so sampling behaves like the real model's. Its config
+    # also lists clip_sample=False, which PNDMScheduler rejects as an argument: it never clips anyway.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(dest, safe_serialization=True)
+
+
+def _rescale_untrained_unet(unet) -> None:
+    """Rescale random UNet weights so sampling responds to the noise and the prompt like a trained model."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    with torch.no_grad():
+        # Untrained, the noise prediction has std ~0.35; a trained model's is ~1.
+        unet.conv_out.weight.mul_(3)
+        unet.conv_out.bias.mul_(3)
+        # Untrained cross-attention averages the text tokens evenly, so prompts barely change the image.
+        # Sharper and stronger attention to the text makes different prompts give visibly different images.
+        for module in unet.modules():
+            if isinstance(module, Attention) and module.is_cross_attention:
+                module.to_k.weight.mul_(16)
+                module.to_v.weight.mul_(16)
+
+
+def _write_bpe_files(directory: Path) -> tuple[Path, Path]:
+    """Write a CLIP-style byte-level BPE vocab.json and merges.txt; return their paths."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = list(bytes_to_unicode().values())
+    merges = _learn_merges(MERGE_CORPUS.split(), NUM_MERGES)
+    # Same order as CLIP's vocabulary: bytes, bytes ending a word, merged symbols, then the specials.
+    tokens = byte_chars + [char + END_OF_WORD for char in byte_chars] + [left + right for left, right in merges]
+    tokens += [START_TOKEN, END_TOKEN]
+    # dict.fromkeys: two different merges may spell the same symbol, which takes one id.
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+
+    vocab_file = directory / "vocab.json"
+    merges_file = directory / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text(
+        "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges), encoding="utf-8"
+    )
+    return vocab_file, merges_file
+
+
+def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Learn up to `num_merges` BPE merges from `words`, deterministically."""
+    # Words end with the end-of-word marker on their last symbol, as in CLIP's merges.
+    split_words = [tuple(word[:-1]) + (word[-1] + END_OF_WORD,) for word in dict.fromkeys(words)]
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pair_counts = Counter(pair for symbols in split_words for pair in zip(symbols, symbols[1:]))
+        if not pair_counts:
+            break
+        # Most frequent pair first; ties break alphabetically so the result never depends on ordering.
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        split_words = [_merge_pair(symbols, best) for symbols in split_words]
+    return merges
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    index = 0
+    while index < len(symbols):
+        if symbols[index : index + 2] == pair:
+            merged.append(symbols[index] + symbols[index + 1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return tuple(merged)
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-sd": build_tiny_sd}
+# Part of the cache directory name of built models: bump it whenever a recipe changes,
+# so that builds made by older code are not reused.
+BUILTIN_VERSION = "v1"

@@ -1,0 +1,99 @@
+"""The stage actors: thin Ray shells around txt2img's plain functions.
+
+Each replica loads the components of its own stage only, for whichever model
+a call names, keeping the most recently used few loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import ray
+import torch
+
+from renderfarm.actors import txt2img
+from renderfarm.actors.models import resolve_model
+from renderfarm.spec import ImageSpec, encode_png
+
+# Models a replica keeps loaded at once; the least recently used is dropped first.
+MODELS_PER_REPLICA = 2
+
+
+def pick_device() -> tuple[str, torch.dtype]:
+    """fp16 on CUDA (where diffusers' default attention is SDPA); fp32 on CPU for exact parity."""
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+class _Stage:
+    def __init__(self, model_cache_dir: str):
+        self._model_cache_dir = Path(model_cache_dir)
+        self._device, self._dtype = pick_device()
+        self._loaded: OrderedDict[str, object] = OrderedDict()
+
+    def ready(self) -> bool:
+        return True
+
+    def _components(self, model: str):
+        if model not in self._loaded:
+            if len(self._loaded) >= MODELS_PER_REPLICA:
+                self._loaded.popitem(last=False)
+            self._loaded[model] = self._load(resolve_model(model, self._model_cache_dir))
+        self._loaded.move_to_end(model)
+        return self._loaded[model]
+
+    def _load(self, model_dir: Path):
+        raise NotImplementedError
+
+
+class TextEncoderStage(_Stage):
+    def _load(self, model_dir: Path):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=self._dtype)
+        return tokenizer, encoder.to(self._device).eval()
+
+    def encode(self, model: str, text: str) -> torch.Tensor:
+        tokenizer, encoder = self._components(model)
+        return txt2img.encode_text(tokenizer, encoder, text).cpu()
+
+
+class DenoiserStage(_Stage):
+    def _load(self, model_dir: Path):
+        from diffusers import DDIMScheduler, UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=self._dtype)
+        scheduler_config = DDIMScheduler.load_config(model_dir, subfolder="scheduler")
+        vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
+        return unet.to(self._device).eval(), scheduler_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    def denoise(self, model: str, batch: txt2img.DenoiseBatch, *embeds: torch.Tensor) -> torch.Tensor:
+        """`embeds`: one prompt embedding per item, then (if guided) one negative embedding per item."""
+        unet, scheduler_config, vae_scale_factor = self._components(model)
+        count = len(batch.items)
+        latents = txt2img.denoise(
+            unet, scheduler_config, vae_scale_factor, batch, embeds[:count], embeds[count : 2 * count]
+        )
+        return latents.cpu()
+
+
+class DecoderStage(_Stage):
+    def _load(self, model_dir: Path):
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=self._dtype)
+        return vae.to(self._device).eval()
+
+    def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> list[bytes]:
+        """PNG bytes, one per spec, each with its spec embedded."""
+        images = txt2img.decode(self._components(model), latents)
+        return [encode_png(image, spec) for image, spec in zip(images, specs, strict=True)]
+
+
+TextEncoder = ray.remote(TextEncoderStage)
+Denoiser = ray.remote(DenoiserStage)
+Decoder = ray.remote(DecoderStage)

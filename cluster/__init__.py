@@ -1,0 +1,1 @@
+"""renderfarm.cluster: the scheduler (gRPC server, job store, planner, dispatcher, result store)."""

@@ -1,0 +1,48 @@
+"""FarmConfig: one frozen root config, built at the edge (CLI, serve) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from renderfarm.cluster.constants import DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One stage's actor pool: how many replicas, and what share of a GPU each takes."""
+
+    replicas: int = 1
+    num_gpus: float = 0.0
+    # CPUs each replica reserves. 0 lets a small machine place every stage; a
+    # replica then runs torch on one thread (Ray sets OMP_NUM_THREADS).
+    num_cpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_images_per_job: int = 100_000
+    max_side: int = 4096
+    max_prompt_chars: int = 10_000
+    max_prompts_per_job: int = 10_000
+    max_steps: int = 1000
+
+
+@dataclass(frozen=True)
+class FarmConfig:
+    # Where result PNGs and manifests go: OUTPUT_DIR/<job id>/.
+    output_dir: Path
+    # Where builtin models are materialised.
+    model_cache_dir: Path
+    host: str = "127.0.0.1"
+    # 0 picks a free port.
+    port: int = DEFAULT_PORT
+    # None starts a local Ray instance; "auto" or an address joins a running cluster.
+    ray_address: str | None = None
+    # CPUs a locally started Ray instance offers (None: all of them).
+    ray_num_cpus: int | None = None
+    max_batch: int = 8
+    encoders: PoolConfig = field(default_factory=PoolConfig)
+    denoisers: PoolConfig = field(default_factory=PoolConfig)
+    decoders: PoolConfig = field(default_factory=PoolConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)

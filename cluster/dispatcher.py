@@ -1,0 +1,127 @@
+"""The dispatcher: runs jobs on the stage pools, batch by batch, with backpressure.
+
+Stages hand each other ObjectRefs: the scheduler passes embedding refs to a
+denoiser and the latents ref to a decoder, and only ever pulls the finished
+PNG bytes, which it stores at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import ray
+
+from renderfarm._wire import JobState
+from renderfarm.actors import stages
+from renderfarm.actors.txt2img import DenoiseBatch, DenoiseItem
+from renderfarm.cluster.config import FarmConfig, PoolConfig
+from renderfarm.cluster.constants import BATCHES_IN_FLIGHT_PER_DENOISER, REPLICAS_READY_TIMEOUT_S
+from renderfarm.cluster.jobs import JobRecord
+from renderfarm.cluster.planner import batches
+from renderfarm.cluster.results import LocalResultStore
+from renderfarm.spec import ImageSpec
+
+log = logging.getLogger(__name__)
+
+
+class Pool:
+    """A stage's replicas, called in turn."""
+
+    def __init__(self, actor_class, config: PoolConfig, model_cache_dir: str):
+        options = dict(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+        self.actors = [actor_class.options(**options).remote(model_cache_dir) for _ in range(config.replicas)]
+        self._turn = itertools.cycle(self.actors)
+
+    def next(self):
+        return next(self._turn)
+
+    async def ready(self) -> None:
+        await asyncio.gather(*(actor.ready.remote() for actor in self.actors))
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class Dispatcher:
+    def __init__(self, config: FarmConfig, store: LocalResultStore):
+        cache = str(config.model_cache_dir)
+        self._config = config
+        self._store = store
+        self._encoders = Pool(stages.TextEncoder, config.encoders, cache)
+        self._denoisers = Pool(stages.Denoiser, config.denoisers, cache)
+        self._decoders = Pool(stages.Decoder, config.decoders, cache)
+        # Shared by all jobs: batches beyond this wait before being dispatched.
+        self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT_PER_DENOISER * config.denoisers.replicas)
+
+    async def ready(self) -> None:
+        pools = asyncio.gather(self._encoders.ready(), self._denoisers.ready(), self._decoders.ready())
+        try:
+            await asyncio.wait_for(pools, REPLICAS_READY_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(
+                f"the stage replicas did not start within {REPLICAS_READY_TIMEOUT_S:g} s: "
+                "does the Ray cluster have the CPUs and GPUs their pools ask for?"
+            ) from None
+
+    def shutdown(self) -> None:
+        for pool in (self._encoders, self._denoisers, self._decoders):
+            pool.kill()
+
+    async def run(self, job: JobRecord) -> None:
+        """Renders every image of the job; ends it SUCCEEDED, FAILED or CANCELLED."""
+        job.set_running()
+        embeddings: dict[str, ray.ObjectRef] = {}
+        in_flight: set[asyncio.Task] = set()
+        try:
+            for batch in batches(job.sweep.specs(), self._config.max_batch):
+                await self._slots.acquire()
+                if job.cancel_requested:
+                    self._slots.release()
+                    break
+                task = asyncio.create_task(self._render(job, batch, embeddings))
+                task.add_done_callback(lambda _: self._slots.release())
+                in_flight.add(task)
+                in_flight = await _reap(in_flight)
+            await asyncio.gather(*in_flight)
+        except Exception as error:  # a failed batch fails its job, never the farm
+            log.exception("job %s failed", job.id)
+            for task in in_flight:
+                task.cancel()
+            job.finish(JobState.FAILED, f"{type(error).__name__}: {error}")
+            return
+        job.finish(JobState.CANCELLED if job.cancel_requested else JobState.SUCCEEDED)
+
+    async def _render(self, job: JobRecord, batch: list[ImageSpec], embeddings: dict) -> None:
+        def embedding(text: str) -> ray.ObjectRef:
+            # Each unique text of a job is encoded once; its ref serves every seed and setting.
+            if text not in embeddings:
+                embeddings[text] = self._encoders.next().encode.remote(job.sweep.model, text)
+            return embeddings[text]
+
+        first = batch[0]
+        denoise_batch = DenoiseBatch(
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            scheduler=first.scheduler,
+            items=tuple(DenoiseItem(seed=s.seed, guidance_scale=s.guidance_scale) for s in batch),
+        )
+        embeds = [embedding(s.prompt) for s in batch]
+        if denoise_batch.guided:
+            embeds += [embedding(s.negative_prompt) for s in batch]
+        latents = self._denoisers.next().denoise.remote(job.sweep.model, denoise_batch, *embeds)
+        pngs = await self._decoders.next().decode.remote(job.sweep.model, latents, batch)
+        for spec, png in zip(batch, pngs, strict=True):
+            name = await asyncio.to_thread(self._store.write, job.id, spec, png)
+            job.add_result(spec, name)
+
+
+async def _reap(tasks: set[asyncio.Task]) -> set[asyncio.Task]:
+    """Drops finished tasks, re-raising the first failure among them."""
+    done = {task for task in tasks if task.done()}
+    for task in done:
+        task.result()
+    return tasks - done

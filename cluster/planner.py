@@ -1,0 +1,64 @@
+"""Sweep expansion and batching: plain bookkeeping, no Ray, no torch.
+
+A sweep is never materialised: items are generated lazily in an order that
+keeps compatible items (same size, steps, scheduler, guided or not) adjacent,
+and batches are cut from that stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from renderfarm.spec import ImageSpec
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated prompt sweep: every axis non-empty, every value in range."""
+
+    model: str
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    seeds: tuple[int, ...]
+    guidance_scales: tuple[float, ...]
+    steps: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]
+    schedulers: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return math.prod(
+            len(axis)
+            for axis in (self.prompts, self.seeds, self.guidance_scales, self.steps, self.sizes, self.schedulers)
+        )
+
+    def specs(self) -> Iterator[ImageSpec]:
+        """Every image of the sweep once, lazily; loop-shaping axes outermost."""
+        for (width, height), steps, scheduler in itertools.product(self.sizes, self.steps, self.schedulers):
+            for prompt, seed, guidance_scale in itertools.product(self.prompts, self.seeds, self.guidance_scales):
+                yield ImageSpec(
+                    model=self.model,
+                    prompt=prompt,
+                    negative_prompt=self.negative_prompt,
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    guidance_scale=guidance_scale,
+                    scheduler=scheduler,
+                )
+
+
+def batch_key(spec: ImageSpec) -> tuple:
+    """Items with equal keys can share one denoising loop."""
+    return (spec.model, spec.width, spec.height, spec.steps, spec.scheduler, spec.guidance_scale > 1)
+
+
+def batches(specs: Iterable[ImageSpec], max_batch: int) -> Iterator[list[ImageSpec]]:
+    """Runs of compatible consecutive specs, each at most max_batch long."""
+    for _, run in itertools.groupby(specs, key=batch_key):
+        while batch := list(itertools.islice(run, max_batch)):
+            yield batch

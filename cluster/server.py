@@ -1,0 +1,157 @@
+"""The scheduler's gRPC service, and the Farm that wires config, Ray, pools, store and server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import cache
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from renderfarm._constants import CHANNEL_OPTIONS, FIELD_METADATA_KEY
+from renderfarm._wire import JobState
+from renderfarm.cluster.config import FarmConfig
+from renderfarm.cluster.constants import SHUTDOWN_GRACE_S
+from renderfarm.cluster.jobs import JobRecord, JobStore
+from renderfarm.cluster.results import LocalResultStore
+from renderfarm.cluster.validate import ModelDefaults, validate_sweep
+from renderfarm.errors import InvalidJobError
+from renderfarm.v1 import farm_pb2 as pb
+from renderfarm.v1 import farm_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "renderfarm.v1.RenderFarm"
+
+
+class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
+    def __init__(self, config: FarmConfig, jobs: JobStore, store: LocalResultStore, dispatcher):
+        self._config = config
+        self._jobs = jobs
+        self._store = store
+        self._dispatcher = dispatcher
+        self._running: set[asyncio.Task] = set()
+
+    async def SubmitJob(self, request, context):
+        if request.request_id and (existing := self._jobs.by_request_id(request.request_id)):
+            return pb.SubmitJobResponse(job=existing.to_pb())
+        try:
+            # Resolving a model may build or read files: keep it off the event loop.
+            sweep = await asyncio.to_thread(validate_sweep, request, self._config.limits, self._model_defaults)
+        except InvalidJobError as error:
+            context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field or ""),))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        job = self._jobs.create(request, sweep)
+        task = asyncio.create_task(self._dispatcher.run(job))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return pb.SubmitJobResponse(job=job.to_pb())
+
+    def _model_defaults(self, model: str) -> ModelDefaults:
+        return model_defaults(model, self._config.model_cache_dir)
+
+    async def _job(self, job_id: str, context) -> JobRecord:
+        job = self._jobs.get(job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {job_id!r}")
+        return job
+
+    async def GetJob(self, request, context):
+        return pb.GetJobResponse(job=(await self._job(request.job_id, context)).to_pb())
+
+    async def ListJobs(self, request, context):
+        return pb.ListJobsResponse(jobs=[job.to_pb() for job in self._jobs.all()])
+
+    async def CancelJob(self, request, context):
+        job = await self._job(request.job_id, context)
+        if job.state.finished:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"job_id: job {job.id} already ended {job.state.value}"
+            )
+        job.cancel_requested = True
+        return pb.CancelJobResponse(job=job.to_pb())
+
+    async def StreamJobEvents(self, request, context):
+        job = await self._job(request.job_id, context)
+        async for event in job.follow(request.after_seq):
+            if event.WhichOneof("kind") == "result" and not request.omit_images:
+                png = await asyncio.to_thread(self._store.read, job.id, event.result.name)
+                event = pb.JobEvent(
+                    seq=event.seq,
+                    job_id=event.job_id,
+                    result=pb.ImageResult(spec=event.result.spec, name=event.result.name, png=png),
+                )
+            yield event
+
+    async def drain(self) -> None:
+        """Cancels every unfinished job; its in-flight batches finish and are stored."""
+        for job in self._jobs.all():
+            if not job.state.finished:
+                job.cancel_requested = True
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+
+@cache
+def model_defaults(model: str, model_cache_dir: Path) -> ModelDefaults:
+    """A model's native size and own scheduler; raises ValueError (ModelNotFoundError) if unresolvable."""
+    from renderfarm.actors.models import default_image_size, resolve_model, scheduler_class_name
+    from renderfarm.actors.schedulers import SCHEDULER_CLASSES
+
+    model_dir = resolve_model(model, model_cache_dir)
+    width, height = default_image_size(model_dir)
+    class_name = scheduler_class_name(model_dir)
+    names = [name for name, cls in SCHEDULER_CLASSES.items() if cls.__name__ == class_name]
+    return ModelDefaults(width=width, height=height, scheduler=names[0] if names else class_name)
+
+
+class Farm:
+    """A running farm: Ray (started or joined), the stage pools and the gRPC server."""
+
+    def __init__(self, config: FarmConfig):
+        self.config = config
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._service: RenderFarmService | None = None
+        self._dispatcher = None
+        self._health = HealthServicer()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        import ray
+
+        from renderfarm.cluster.dispatcher import Dispatcher
+
+        if not ray.is_initialized():
+            ray.init(
+                address=self.config.ray_address,
+                num_cpus=self.config.ray_num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+        store = LocalResultStore(self.config.output_dir)
+        self._dispatcher = Dispatcher(self.config, store)
+        await self._dispatcher.ready()
+        self._service = RenderFarmService(self.config, JobStore(), store, self._dispatcher)
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        farm_pb2_grpc.add_RenderFarmServicer_to_server(self._service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("renderfarm serving on %s", self.address)
+
+    async def stop(self) -> None:
+        """Graceful: health goes NOT_SERVING, running jobs drain, then the server and pools stop."""
+        await self._health.enter_graceful_shutdown()
+        await self._service.drain()
+        await self._server.stop(SHUTDOWN_GRACE_S)
+        self._dispatcher.shutdown()
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()

@@ -1,0 +1,40 @@
+"""renderfarm: render Stable Diffusion sweeps across a farm of GPUs from Python.
+
+    import renderfarm as rf
+    job = rf.Client("localhost:50051").sweep(["a red fox"], seeds=range(4))
+    for result in job.results():
+        result.save("renders/")
+
+This package is the thin SDK: it never imports torch or ray.
+"""
+
+from renderfarm._wire import JobState, JobStatus, Result
+from renderfarm.aio import AsyncClient, AsyncJob
+from renderfarm.client import Client, Job
+from renderfarm.errors import (
+    CapacityError,
+    FarmUnavailableError,
+    InvalidJobError,
+    JobFailedError,
+    JobNotFoundError,
+    RenderfarmError,
+)
+from renderfarm.spec import ImageSpec, read_spec
+
+__all__ = [
+    "AsyncClient",
+    "AsyncJob",
+    "CapacityError",
+    "Client",
+    "FarmUnavailableError",
+    "ImageSpec",
+    "InvalidJobError",
+    "Job",
+    "JobFailedError",
+    "JobNotFoundError",
+    "JobState",
+    "JobStatus",
+    "RenderfarmError",
+    "Result",
+    "read_spec",
+]

@@ -1,0 +1,205 @@
+"""Conversions between protobuf messages and SDK types; user code never sees a protobuf."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+from io import BytesIO
+from pathlib import Path
+
+import grpc
+
+from renderfarm._constants import (
+    FIELD_METADATA_KEY,
+    RECONNECT_FIRST_DELAY_S,
+    RECONNECT_MAX_DELAY_S,
+    RECONNECT_WINDOW_S,
+)
+from renderfarm.errors import (
+    CapacityError,
+    FarmUnavailableError,
+    InvalidJobError,
+    JobNotFoundError,
+    RenderfarmError,
+)
+from renderfarm.spec import ImageSpec
+from renderfarm.v1 import farm_pb2 as pb
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+_STATE_FROM_PB = {
+    pb.JOB_STATE_QUEUED: JobState.QUEUED,
+    pb.JOB_STATE_RUNNING: JobState.RUNNING,
+    pb.JOB_STATE_SUCCEEDED: JobState.SUCCEEDED,
+    pb.JOB_STATE_FAILED: JobState.FAILED,
+    pb.JOB_STATE_CANCELLED: JobState.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    id: str
+    state: JobState
+    total: int
+    completed: int
+    error: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """One finished image: the PNG as the farm stored it, and its spec."""
+
+    spec: ImageSpec
+    name: str
+    png: bytes
+
+    @cached_property
+    def image(self):
+        from PIL import Image
+
+        image = Image.open(BytesIO(self.png))
+        image.load()
+        return image
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes the PNG (parameters embedded) as DIRECTORY/<name>; returns the path."""
+        path = Path(directory) / self.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_bytes(self.png)
+        temporary.replace(path)
+        return path
+
+
+def axis(value, name: str) -> list:
+    """A sweep axis: a scalar is a one-element axis; None is the farm's default."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return [value]
+    values = list(value)
+    if not values:
+        raise InvalidJobError(f"{name}: must not be empty", field=name)
+    return values
+
+
+def sweep_request(
+    *,
+    prompts,
+    seeds,
+    guidance_scale,
+    steps,
+    width,
+    height,
+    negative_prompt: str,
+    scheduler,
+    model: str,
+    request_id: str | None,
+) -> pb.SubmitJobRequest:
+    prompts = axis(prompts, "prompts")
+    widths, heights = axis(width, "width"), axis(height, "height")
+    if bool(widths) != bool(heights):
+        raise InvalidJobError("width and height: give both or neither", field="width")
+    sweep = pb.SweepSpec(
+        model=model,
+        prompts=prompts,
+        negative_prompt=negative_prompt or "",
+        seeds=[int(s) for s in axis(seeds, "seeds")],
+        guidance_scales=[float(g) for g in axis(guidance_scale, "guidance_scale")],
+        steps=[int(s) for s in axis(steps, "steps")],
+        sizes=[pb.Size(width=int(w), height=int(h)) for w in widths for h in heights],
+        schedulers=axis(scheduler, "scheduler"),
+    )
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep)
+
+
+def job_status(job: pb.Job) -> JobStatus:
+    return JobStatus(
+        id=job.id,
+        state=_STATE_FROM_PB[job.state],
+        total=job.total,
+        completed=job.completed,
+        error=job.error,
+        created_at=job.created_at,
+    )
+
+
+def image_spec(spec: pb.ImageSpec) -> ImageSpec:
+    return ImageSpec(
+        model=spec.model,
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        seed=spec.seed,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        scheduler=spec.scheduler,
+    )
+
+
+def result(message: pb.ImageResult) -> Result:
+    return Result(spec=image_spec(message.spec), name=message.name, png=message.png)
+
+
+def final_state(event: pb.JobEvent) -> JobState | None:
+    if event.WhichOneof("kind") != "state":
+        return None
+    state = _STATE_FROM_PB[event.state]
+    return state if state.finished else None
+
+
+def translate(error: grpc.RpcError) -> RenderfarmError:
+    """The typed SDK exception for a gRPC error, keeping the server's message."""
+    code, message = error.code(), error.details() or str(error)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        metadata = dict(error.trailing_metadata() or ())
+        return InvalidJobError(message, field=metadata.get(FIELD_METADATA_KEY))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return CapacityError(message)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return JobNotFoundError(message)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return FarmUnavailableError(message)
+    return RenderfarmError(f"{code.name}: {message}")
+
+
+def is_transient(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def metadata(token: str | None) -> tuple:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def reconnect_delays() -> Iterator[float]:
+    """Backoff delays for resuming a dropped stream: doubling, capped, within a window."""
+    delay, spent = RECONNECT_FIRST_DELAY_S, 0.0
+    while spent + delay <= RECONNECT_WINDOW_S:
+        yield delay
+        spent += delay
+        delay = min(RECONNECT_MAX_DELAY_S, delay * 2)
+
+
+def next_delay(delays: Iterator[float], job_id: str) -> float:
+    delay = next(delays, None)
+    if delay is None:
+        raise FarmUnavailableError(
+            f"lost the event stream of job {job_id} and could not resume it within {RECONNECT_WINDOW_S:g} s"
+        )
+    return delay

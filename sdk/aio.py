@@ -1,0 +1,129 @@
+"""The asyncio client: the same surface as Client, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import grpc
+
+from renderfarm import _wire
+from renderfarm._constants import CHANNEL_OPTIONS, DEFAULT_ADDRESS, DEFAULT_MODEL, UNARY_TIMEOUT_S
+from renderfarm._wire import JobState, JobStatus, Result
+from renderfarm.errors import JobFailedError
+from renderfarm.v1 import farm_pb2 as pb
+from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
+
+
+class AsyncClient:
+    """Like Client, for asyncio code. Use ``async with AsyncClient(...) as client``."""
+
+    def __init__(self, address: str | None = None, *, token: str | None = None):
+        self.address = address or os.environ.get("RENDERFARM_ADDRESS") or DEFAULT_ADDRESS
+        self._metadata = _wire.metadata(token or os.environ.get("RENDERFARM_TOKEN"))
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._stub = RenderFarmStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _wire.translate(error) from None
+
+    async def sweep(
+        self,
+        prompts,
+        *,
+        seeds=0,
+        guidance_scale=None,
+        steps=None,
+        width=None,
+        height=None,
+        negative_prompt: str = "",
+        scheduler=None,
+        model: str = DEFAULT_MODEL,
+        request_id: str | None = None,
+    ) -> AsyncJob:
+        """See Client.sweep."""
+        request = _wire.sweep_request(
+            prompts=prompts,
+            seeds=seeds,
+            guidance_scale=guidance_scale,
+            steps=steps,
+            width=width,
+            height=height,
+            negative_prompt=negative_prompt,
+            scheduler=scheduler,
+            model=model,
+            request_id=request_id,
+        )
+        return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
+
+    async def job(self, job_id: str) -> AsyncJob:
+        return AsyncJob(self, (await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))).job)
+
+    async def jobs(self) -> list[JobStatus]:
+        response = await self._call(self._stub.ListJobs, pb.ListJobsRequest())
+        return [_wire.job_status(j) for j in response.jobs]
+
+
+class AsyncJob:
+    """A submitted job, for asyncio code; see Job."""
+
+    def __init__(self, client: AsyncClient, message: pb.Job):
+        self._client = client
+        self.id = message.id
+        self.total = message.total
+
+    def __repr__(self) -> str:
+        return f"AsyncJob(id={self.id!r}, total={self.total})"
+
+    async def status(self) -> JobStatus:
+        response = await self._client._call(self._client._stub.GetJob, pb.GetJobRequest(job_id=self.id))
+        return _wire.job_status(response.job)
+
+    async def cancel(self) -> JobStatus:
+        response = await self._client._call(self._client._stub.CancelJob, pb.CancelJobRequest(job_id=self.id))
+        return _wire.job_status(response.job)
+
+    async def _events(self, omit_images: bool = False) -> AsyncIterator[pb.JobEvent]:
+        client, last_seq = self._client, 0
+        delays = _wire.reconnect_delays()
+        while True:
+            request = pb.StreamJobEventsRequest(job_id=self.id, after_seq=last_seq, omit_images=omit_images)
+            stream = client._stub.StreamJobEvents(request, metadata=client._metadata)
+            try:
+                async for event in stream:
+                    last_seq, delays = event.seq, _wire.reconnect_delays()
+                    yield event
+                    if _wire.final_state(event):
+                        return
+            except grpc.RpcError as error:
+                if not _wire.is_transient(error):
+                    raise _wire.translate(error) from None
+            finally:
+                stream.cancel()
+            await asyncio.sleep(_wire.next_delay(delays, self.id))
+
+    async def results(self) -> AsyncIterator[Result]:
+        async for event in self._events():
+            if event.WhichOneof("kind") == "result":
+                yield _wire.result(event.result)
+            elif _wire.final_state(event) == JobState.FAILED:
+                raise JobFailedError(self.id, event.error)
+
+    async def wait(self) -> JobStatus:
+        async for event in self._events(omit_images=True):
+            if _wire.final_state(event) == JobState.FAILED:
+                raise JobFailedError(self.id, event.error)
+        return await self.status()

@@ -1,0 +1,255 @@
+"""The `renderfarm` command. Farm-side commands (up, an embedded sweep, models) need renderfarm[cluster]."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from renderfarm._constants import DEFAULT_MODEL
+from renderfarm.client import Client, Job
+from renderfarm.errors import RenderfarmError
+from renderfarm.spec import MANIFEST, manifest_line
+
+
+def parse_ints(text: str) -> list[int]:
+    """'0-3' -> [0, 1, 2, 3]; '0,5,9' -> [0, 5, 9]; both mix: '0-2,7'."""
+    values = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            values.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers or ranges like 0-3,7") from None
+    return values
+
+
+def parse_floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def parse_names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "renderfarm"
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "renderfarm"
+
+
+def _add_farm_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("farm (up, or an embedded farm)")
+    group.add_argument("--encoders", type=int, default=1, help="text encoder replicas (default 1)")
+    group.add_argument("--denoisers", type=int, default=1, help="denoiser replicas (default 1)")
+    group.add_argument("--decoders", type=int, default=1, help="VAE decoder replicas (default 1)")
+    group.add_argument("--max-batch", type=int, default=8, help="images per denoiser batch (default 8)")
+    group.add_argument("--gpus-per-replica", type=float, default=0.0, help="num_gpus of each replica (default 0)")
+    group.add_argument("--output-dir", type=Path, default=_data_home() / "output", help="the farm's result store")
+    group.add_argument("--model-cache-dir", type=Path, default=_cache_home() / "models", help="builtin model cache")
+    group.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+
+
+def farm_config(args, *, host: str = "127.0.0.1", port: int = 0):
+    from renderfarm.cluster.config import FarmConfig, PoolConfig
+
+    def pool(replicas: int) -> PoolConfig:
+        return PoolConfig(replicas=replicas, num_gpus=args.gpus_per_replica)
+
+    return FarmConfig(
+        output_dir=args.output_dir,
+        model_cache_dir=args.model_cache_dir,
+        host=host,
+        port=port,
+        ray_address=args.ray_address,
+        max_batch=args.max_batch,
+        encoders=pool(args.encoders),
+        denoisers=pool(args.denoisers),
+        decoders=pool(args.decoders),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="renderfarm", description="Render Stable Diffusion sweeps on a farm.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run a scheduler and a local Ray instance in the foreground")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051)
+    _add_farm_options(up)
+
+    sweep = commands.add_parser("sweep", help="render every combination of prompts x seeds x settings")
+    prompts = sweep.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    prompts.add_argument("--prompts-file", type=Path, help="a file of prompts, one per line")
+    sweep.add_argument("--seeds", type=parse_ints, default=[0], help="e.g. 0-3 or 0,5,9 (default 0)")
+    sweep.add_argument("--guidance", type=parse_floats, help="guidance scales, e.g. 5,7.5 (default 7.5)")
+    sweep.add_argument("--steps", type=parse_ints, help="denoising steps, e.g. 30 or 20,30 (default 50)")
+    sweep.add_argument("--width", type=parse_ints, help="default: the model's native size")
+    sweep.add_argument("--height", type=parse_ints, help="default: the model's native size")
+    sweep.add_argument("--negative", default="", help="the negative prompt")
+    sweep.add_argument("--scheduler", type=parse_names, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m (default: the model's)")
+    sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"builtin:NAME, a diffusers directory or a HF repo id (default {DEFAULT_MODEL})")
+    sweep.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
+    sweep.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    _add_farm_options(sweep)
+
+    jobs = commands.add_parser("jobs", help="list the farm's jobs")
+    jobs.add_argument("--address")
+    for name, text in (("status", "show a job"), ("cancel", "cancel a job"), ("watch", "follow a job to its end")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("job_id")
+        command.add_argument("--address")
+        if name == "watch":
+            command.add_argument("--out", type=Path, help="also save the job's results here")
+
+    models = commands.add_parser("models", help="model references")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    path = models_commands.add_parser("path", help="print the local diffusers directory a reference resolves to")
+    path.add_argument("ref")
+    path.add_argument("--model-cache-dir", type=Path, default=_cache_home() / "models")
+    return parser
+
+
+class Progress:
+    """A one-line progress bar on stderr with images/s."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self._stream = total, 0, stream
+        self._started = time.monotonic()
+
+    def advance(self) -> None:
+        self.done += 1
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        self._stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.done / elapsed:.2f} images/s"
+        )
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.write("\n")
+
+
+def save_results(job: Job, out: Path, total: int) -> int:
+    """Saves every result of the job into `out` (PNG + manifest line), with a progress bar."""
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(total)
+    with open(out / MANIFEST, "a", encoding="utf-8") as manifest:
+        for result in job.results():
+            result.save(out)
+            manifest.write(manifest_line(result.name, result.spec))
+            manifest.flush()
+            progress.advance()
+    progress.close()
+    return progress.done
+
+
+def _sweep(args) -> int:
+    if args.prompts_file:
+        prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    else:
+        prompts = args.prompt
+    if (args.width is None) != (args.height is None):
+        raise SystemExit("renderfarm sweep: give both --width and --height, or neither")
+
+    def submit(client: Client) -> int:
+        job = client.sweep(
+            prompts,
+            seeds=args.seeds,
+            guidance_scale=args.guidance,
+            steps=args.steps,
+            width=args.width,
+            height=args.height,
+            negative_prompt=args.negative,
+            scheduler=args.scheduler,
+            model=args.model,
+        )
+        print(f"job {job.id}: {job.total} images -> {args.out}", file=sys.stderr)
+        saved = save_results(job, args.out, job.total)
+        status = job.status()
+        print(f"job {job.id} {status.state.value}: {saved} images in {args.out}", file=sys.stderr)
+        return 0 if status.state.value == "succeeded" else 1
+
+    if args.address:
+        with Client(args.address) as client:
+            return submit(client)
+    from renderfarm.cluster.embedded import EmbeddedFarm
+
+    with EmbeddedFarm(farm_config(args)) as farm, Client(farm.address) as client:
+        return submit(client)
+
+
+def _up(args) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from renderfarm.cluster.server import Farm
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        farm = Farm(farm_config(args, host=args.host, port=args.port))
+        await farm.start()
+        print(f"renderfarm serving on {farm.address}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await farm.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _print_status(status) -> None:
+    line = f"{status.id}  {status.state.value:<9}  {status.completed}/{status.total}"
+    print(line + (f"  {status.error}" if status.error else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return _up(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "models":
+            from renderfarm.actors.models import resolve_model
+
+            print(resolve_model(args.ref, args.model_cache_dir))
+            return 0
+        with Client(args.address) as client:
+            if args.command == "jobs":
+                for status in client.jobs():
+                    _print_status(status)
+            elif args.command == "status":
+                _print_status(client.job(args.job_id).status())
+            elif args.command == "cancel":
+                _print_status(client.job(args.job_id).cancel())
+            elif args.command == "watch":
+                job = client.job(args.job_id)
+                if args.out:
+                    save_results(job, args.out, job.total)
+                else:
+                    with contextlib.suppress(RenderfarmError):
+                        job.wait()
+                _print_status(job.status())
+        return 0
+    except (RenderfarmError, ValueError) as error:
+        print(f"renderfarm: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The blocking client: submit jobs, stream their results, manage them."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from renderfarm import _wire
+from renderfarm._constants import (
+    CHANNEL_OPTIONS,
+    DEFAULT_ADDRESS,
+    DEFAULT_MODEL,
+    UNARY_TIMEOUT_S,
+)
+from renderfarm._wire import JobState, JobStatus, Result
+from renderfarm.errors import JobFailedError
+from renderfarm.v1 import farm_pb2 as pb
+from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
+
+
+class Client:
+    """A connection to a farm. ``address`` defaults to $RENDERFARM_ADDRESS, then localhost:50051."""
+
+    def __init__(self, address: str | None = None, *, token: str | None = None):
+        self.address = address or os.environ.get("RENDERFARM_ADDRESS") or DEFAULT_ADDRESS
+        self._metadata = _wire.metadata(token or os.environ.get("RENDERFARM_TOKEN"))
+        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._stub = RenderFarmStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _wire.translate(error) from None
+
+    def sweep(
+        self,
+        prompts,
+        *,
+        seeds=0,
+        guidance_scale=None,
+        steps=None,
+        width=None,
+        height=None,
+        negative_prompt: str = "",
+        scheduler=None,
+        model: str = DEFAULT_MODEL,
+        request_id: str | None = None,
+    ) -> Job:
+        """Renders every combination of the given axes; each may be a scalar or a list.
+
+        Unset axes take the farm's defaults: guidance 7.5, 50 steps, the model's
+        native size and its own scheduler.
+        """
+        request = _wire.sweep_request(
+            prompts=prompts,
+            seeds=seeds,
+            guidance_scale=guidance_scale,
+            steps=steps,
+            width=width,
+            height=height,
+            negative_prompt=negative_prompt,
+            scheduler=scheduler,
+            model=model,
+            request_id=request_id,
+        )
+        return Job(self, self._call(self._stub.SubmitJob, request).job)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
+
+    def jobs(self) -> list[JobStatus]:
+        return [_wire.job_status(j) for j in self._call(self._stub.ListJobs, pb.ListJobsRequest()).jobs]
+
+
+class Job:
+    """A submitted job. ``results()`` streams its images as they finish."""
+
+    def __init__(self, client: Client, message: pb.Job):
+        self._client = client
+        self.id = message.id
+        self.total = message.total
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, total={self.total})"
+
+    def status(self) -> JobStatus:
+        return _wire.job_status(self._client._call(self._client._stub.GetJob, pb.GetJobRequest(job_id=self.id)).job)
+
+    def cancel(self) -> JobStatus:
+        request = pb.CancelJobRequest(job_id=self.id)
+        return _wire.job_status(self._client._call(self._client._stub.CancelJob, request).job)
+
+    def _events(self, omit_images: bool = False) -> Iterator[pb.JobEvent]:
+        """Every event once, in order, resuming after a dropped stream from the last seq seen."""
+        client, last_seq = self._client, 0
+        delays = _wire.reconnect_delays()
+        while True:
+            request = pb.StreamJobEventsRequest(job_id=self.id, after_seq=last_seq, omit_images=omit_images)
+            stream = client._stub.StreamJobEvents(request, metadata=client._metadata)
+            try:
+                for event in stream:
+                    last_seq, delays = event.seq, _wire.reconnect_delays()
+                    yield event
+                    if _wire.final_state(event):
+                        return
+            except grpc.RpcError as error:
+                if not _wire.is_transient(error):
+                    raise _wire.translate(error) from None
+            finally:
+                stream.cancel()
+            time.sleep(_wire.next_delay(delays, self.id))
+
+    def results(self) -> Iterator[Result]:
+        """Each result exactly once, in completion order; raises JobFailedError if the job fails."""
+        for event in self._events():
+            kind = event.WhichOneof("kind")
+            if kind == "result":
+                yield _wire.result(event.result)
+            elif _wire.final_state(event) == JobState.FAILED:
+                raise JobFailedError(self.id, event.error)
+
+    def wait(self) -> JobStatus:
+        """Blocks until the job ends; raises JobFailedError if it failed."""
+        for event in self._events(omit_images=True):
+            if _wire.final_state(event) == JobState.FAILED:
+                raise JobFailedError(self.id, event.error)
+        return self.status()

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+
+from renderfarm.cluster.config import LimitsConfig
+from renderfarm.cluster.validate import ModelDefaults, validate_sweep
+from renderfarm.errors import InvalidJobError
+from renderfarm.v1 import farm_pb2 as pb
+
+LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=200)
+
+
+def model_defaults(model: str) -> ModelDefaults:
+    if model != "builtin:tiny-sd":
+        raise ValueError(f"unknown model {model!r}")
+    return ModelDefaults(width=128, height=128, scheduler="pndm")
+
+
+def request(**sweep) -> pb.SubmitJobRequest:
+    sweep.setdefault("model", "builtin:tiny-sd")
+    sweep.setdefault("prompts", ["a red fox"])
+    return pb.SubmitJobRequest(request_id="r", sweep=pb.SweepSpec(**sweep))
+
+
+def test_unset_axes_take_defaults():
+    sweep = validate_sweep(request(), LIMITS, model_defaults)
+    assert sweep.seeds == (0,) and sweep.guidance_scales == (7.5,) and sweep.steps == (50,)
+    assert sweep.sizes == ((128, 128),) and sweep.schedulers == ("pndm",)
+
+
+BAD = [
+    ("sweep.prompts", dict(prompts=[])),
+    ("sweep.prompts[1]", dict(prompts=["ok", "   "])),
+    ("sweep.prompts[0]", dict(prompts=["x" * 201])),
+    ("sweep.negative_prompt", dict(negative_prompt="x" * 201)),
+    ("sweep.sizes[0].width", dict(sizes=[pb.Size(width=500, height=512)])),
+    ("sweep.sizes[0].height", dict(sizes=[pb.Size(width=512, height=0)])),
+    ("sweep.sizes[1].width", dict(sizes=[pb.Size(width=64, height=64), pb.Size(width=2048, height=64)])),
+    ("sweep.steps[0]", dict(steps=[0])),
+    ("sweep.steps[0]", dict(steps=[-3])),
+    ("sweep.steps[0]", dict(steps=[1001])),
+    ("sweep.guidance_scales[0]", dict(guidance_scales=[math.nan])),
+    ("sweep.guidance_scales[1]", dict(guidance_scales=[7.5, math.inf])),
+    ("sweep.guidance_scales[0]", dict(guidance_scales=[-1.0])),
+    ("sweep.seeds[0]", dict(seeds=[-1])),
+    ("sweep.schedulers[0]", dict(schedulers=["k_lms_turbo"])),
+    ("sweep.model", dict(model="builtin:nope")),
+    ("sweep.model", dict(model="")),
+    ("sweep", dict(prompts=["a"] * 10, seeds=list(range(101)))),
+]
+
+
+@pytest.mark.parametrize("field, sweep", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_sweeps_name_the_field(field, sweep):
+    with pytest.raises(InvalidJobError) as raised:
+        validate_sweep(request(**sweep), LIMITS, model_defaults)
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"{field}: ")
+
+
+def test_oversized_sweep_is_refused_before_the_model_is_resolved():
+    def must_not_resolve(model):
+        raise AssertionError("resolved a model for a refused sweep")
+
+    with pytest.raises(InvalidJobError, match="over the limit"):
+        validate_sweep(request(seeds=list(range(2000))), LIMITS, must_not_resolve)
