@@ -1,6 +1,6 @@
 """Model references resolved to a local diffusers directory.
 
-Only building a builtin imports torch and diffusers, so the scheduler process can check references cheaply.
+Only building a builtin imports torch and diffusers; the other forms are checked from files alone.
 """
 
 import json
@@ -36,14 +36,6 @@ def resolve_model(ref: str, cache_dir: Path) -> Path:
     if ref.startswith(BUILTIN_PREFIX):
         return _materialise_builtin(_builtin_name(ref), Path(cache_dir).expanduser().absolute())
     return _resolve_external(ref)
-
-
-def check_model_ref(ref: str, cache_dir: Path) -> None:
-    """Raise ModelNotFoundError unless `ref` would resolve; builds nothing."""
-    if ref.startswith(BUILTIN_PREFIX):
-        _builtin_name(ref)  # any known builtin can be built on demand, whatever is in cache_dir
-    else:
-        _resolve_external(ref)
 
 
 def default_image_size(model_dir: Path) -> tuple[int, int]:

@@ -50,6 +50,10 @@ class _Stage:
 
 
 class TextEncoderStage(_Stage):
+    def __init__(self, model_cache_dir: str):
+        super().__init__(model_cache_dir)
+        self.texts_encoded = 0
+
     def _load(self, model_dir: Path):
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -57,8 +61,12 @@ class TextEncoderStage(_Stage):
         encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=self._dtype)
         return tokenizer, encoder.to(self._device).eval()
 
+    def encoded_count(self) -> int:
+        return self.texts_encoded
+
     def encode(self, model: str, text: str) -> torch.Tensor:
         tokenizer, encoder = self._components(model)
+        self.texts_encoded += 1
         return txt2img.encode_text(tokenizer, encoder, text).cpu()
 
 

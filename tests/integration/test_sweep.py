@@ -45,7 +45,7 @@ def test_unguided_items_match_diffusers(start_farm, reference):
 def test_cli_sweep_writes_64_pngs_that_diffusers_reproduces(farm_config, ray_session, reference, tmp_path):
     out = tmp_path / "renders"
     code = cli(
-        ["sweep", "--prompt", "a red fox", "--prompt", "a lighthouse", "--seeds", "0-31", "--steps", "8",
+        ["sweep", "--prompt", "a red fox", "--prompt", "a lighthouse", "--seeds", "0-31",
          "--out", str(out), "--output-dir", str(tmp_path / "store"), "--model-cache-dir", str(farm_config.model_cache_dir)]
     )  # fmt: skip
     assert code == 0
@@ -85,12 +85,21 @@ def test_replicas_batch_size_and_order_do_not_change_pixels(start_farm):
         assert max(np.abs(variant[spec] - baseline[spec]).max() for spec in baseline) <= 1
 
 
-def test_each_prompt_is_encoded_once_per_job(farm):
-    # Different prompts give different images, the same prompt the same.
+def test_each_unique_text_is_encoded_once_per_job(start_farm):
+    import ray
+
+    farm = start_farm(max_batch=1)
+    encoders = farm.farm._dispatcher._encoders.actors
+    before = sum(ray.get([e.encoded_count.remote() for e in encoders]))
     with rf.Client(farm.address) as client:
-        results = list(client.sweep(["a red fox", "a lighthouse"], seeds=[1], steps=3, width=64, height=64).results())
-    first, second = (np.asarray(r.image) for r in results)
-    assert not np.array_equal(first, second)
+        job = client.sweep(
+            ["a red fox", "a lighthouse"], seeds=range(3), guidance_scale=[5.0, 7.5], negative_prompt="blurry",
+            steps=2, width=64, height=64,
+        )  # fmt: skip
+        job.wait()
+    after = sum(ray.get([e.encoded_count.remote() for e in encoders]))
+    assert job.total == 12
+    assert after - before == 3  # two prompts and the negative prompt
 
 
 def test_status_list_and_wait(farm):

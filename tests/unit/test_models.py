@@ -124,7 +124,6 @@ def test_local_directory_refs(tiny_sd_dir, model_cache_dir, monkeypatch):
     assert models.resolve_model(str(tiny_sd_dir), model_cache_dir) == tiny_sd_dir.resolve()
     monkeypatch.chdir(tiny_sd_dir.parent)
     for ref in ("./tiny-sd-v1", "tiny-sd-v1"):
-        models.check_model_ref(ref, model_cache_dir)
         assert models.resolve_model(ref, model_cache_dir) == tiny_sd_dir.resolve()
 
 
@@ -137,11 +136,9 @@ def test_cached_hugging_face_repo_resolves_to_its_snapshot(hf_cache, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
 
-    models.check_model_ref("renderfarm-test/tiny", tmp_path)
     assert models.resolve_model("renderfarm-test/tiny", tmp_path) == snapshot
 
 
-@pytest.mark.parametrize("check", [models.resolve_model, models.check_model_ref])
 @pytest.mark.parametrize(
     "ref",
     [
@@ -152,9 +149,9 @@ def test_cached_hugging_face_repo_resolves_to_its_snapshot(hf_cache, tmp_path):
         "not a model ref",
     ],
 )
-def test_unusable_refs_raise_naming_the_ref(check, ref, hf_cache, tmp_path):
+def test_unusable_refs_raise_naming_the_ref(ref, hf_cache, tmp_path):
     with pytest.raises(ModelNotFoundError, match=re.escape(repr(ref))):
-        check(ref, tmp_path)
+        models.resolve_model(ref, tmp_path)
     assert not (tmp_path / "builtin").exists()
 
 
