@@ -38,6 +38,15 @@ def resolve_model(ref: str, cache_dir: Path) -> Path:
     return _resolve_external(ref)
 
 
+def silence_progress_bars() -> None:
+    """Loading and saving components draws progress bars; on a farm they only garble the logs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def default_image_size(model_dir: Path) -> tuple[int, int]:
     """The model's native (width, height), from its config files alone."""
     unet_config = _read_json(Path(model_dir) / "unet" / "config.json")
@@ -70,6 +79,7 @@ def _materialise_builtin(name: str, cache_dir: Path) -> Path:
     # Build beside the target and rename it into place: the rename is atomic, so a directory at
     # `target` is always complete, and processes building at the same time cannot mix their files.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    silence_progress_bars()
     try:
         builtin.BUILTIN_MODELS[name](staging)
         # mkdtemp makes the directory private; the cache is shared with the farm's other processes.

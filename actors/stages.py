@@ -14,7 +14,7 @@ import ray
 import torch
 
 from renderfarm.actors import txt2img
-from renderfarm.actors.models import resolve_model
+from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.spec import ImageSpec, encode_png
 
 # Models a replica keeps loaded at once; the least recently used is dropped first.
@@ -33,6 +33,7 @@ class _Stage:
         self._model_cache_dir = Path(model_cache_dir)
         self._device, self._dtype = pick_device()
         self._loaded: OrderedDict[str, object] = OrderedDict()
+        silence_progress_bars()
 
     def ready(self) -> bool:
         return True

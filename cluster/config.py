@@ -39,8 +39,6 @@ class FarmConfig:
     port: int = DEFAULT_PORT
     # None starts a local Ray instance; "auto" or an address joins a running cluster.
     ray_address: str | None = None
-    # CPUs a locally started Ray instance offers (None: all of them).
-    ray_num_cpus: int | None = None
     max_batch: int = 8
     encoders: PoolConfig = field(default_factory=PoolConfig)
     denoisers: PoolConfig = field(default_factory=PoolConfig)

@@ -25,6 +25,8 @@ class EmbeddedFarm:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def __enter__(self) -> EmbeddedFarm:
+        # Ray installs signal handlers, which only the main thread may do.
+        self.farm.connect_ray()
         self._thread.start()
         try:
             self._run(self.farm.start())

@@ -121,18 +121,21 @@ class Farm:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    async def start(self) -> None:
+    def connect_ray(self) -> None:
+        """Starts a local Ray instance or joins the configured cluster, unless this process already has."""
         import ray
-
-        from renderfarm.cluster.dispatcher import Dispatcher
 
         if not ray.is_initialized():
             ray.init(
                 address=self.config.ray_address,
-                num_cpus=self.config.ray_num_cpus,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
             )
+
+    async def start(self) -> None:
+        from renderfarm.cluster.dispatcher import Dispatcher
+
+        self.connect_ray()
         store = LocalResultStore(self.config.output_dir)
         self._dispatcher = Dispatcher(self.config, store)
         await self._dispatcher.ready()

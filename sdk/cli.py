@@ -11,7 +11,8 @@ from pathlib import Path
 
 from renderfarm._constants import DEFAULT_MODEL
 from renderfarm.client import Client, Job
-from renderfarm.errors import RenderfarmError
+from renderfarm._wire import JobState
+from renderfarm.errors import JobFailedError, RenderfarmError
 from renderfarm.spec import MANIFEST, manifest_line
 
 
@@ -178,7 +179,7 @@ def _sweep(args) -> int:
         saved = save_results(job, args.out, job.total)
         status = job.status()
         print(f"job {job.id} {status.state.value}: {saved} images in {args.out}", file=sys.stderr)
-        return 0 if status.state.value == "succeeded" else 1
+        return 0 if status.state == JobState.SUCCEEDED else 1
 
     if args.address:
         with Client(args.address) as client:
@@ -239,12 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                 _print_status(client.job(args.job_id).cancel())
             elif args.command == "watch":
                 job = client.job(args.job_id)
-                if args.out:
-                    save_results(job, args.out, job.total)
-                else:
-                    with contextlib.suppress(RenderfarmError):
+                with contextlib.suppress(JobFailedError):  # the status line below says so
+                    if args.out:
+                        save_results(job, args.out, job.total)
+                    else:
                         job.wait()
-                _print_status(job.status())
+                status = job.status()
+                _print_status(status)
+                return 0 if status.state == JobState.SUCCEEDED else 1
         return 0
     except (RenderfarmError, ValueError) as error:
         print(f"renderfarm: {error}", file=sys.stderr)

@@ -1,0 +1,45 @@
+import pytest
+
+from renderfarm import _wire
+from renderfarm._constants import RECONNECT_MAX_DELAY_S, RECONNECT_WINDOW_S
+from renderfarm.errors import FarmUnavailableError, InvalidJobError
+
+
+def request(**overrides):
+    arguments = dict(
+        prompts="a red fox", seeds=0, guidance_scale=None, steps=None, width=None, height=None,
+        negative_prompt="", scheduler=None, model="builtin:tiny-sd", request_id=None,
+    )  # fmt: skip
+    return _wire.sweep_request(**{**arguments, **overrides})
+
+
+def test_scalars_are_one_element_axes_and_none_is_the_farms_default():
+    sweep = request().sweep
+    assert list(sweep.prompts) == ["a red fox"] and list(sweep.seeds) == [0]
+    assert not sweep.guidance_scales and not sweep.steps and not sweep.sizes and not sweep.schedulers
+
+
+def test_lists_and_ranges_are_axes_and_sizes_are_widths_by_heights():
+    sweep = request(prompts=["a", "b"], seeds=range(3), guidance_scale=[5, 7.5], width=[512, 768], height=512).sweep
+    assert list(sweep.seeds) == [0, 1, 2] and list(sweep.guidance_scales) == [5.0, 7.5]
+    assert [(s.width, s.height) for s in sweep.sizes] == [(512, 512), (768, 512)]
+
+
+def test_each_submission_gets_a_fresh_request_id_unless_given():
+    assert request().request_id != request().request_id
+    assert request(request_id="mine").request_id == "mine"
+
+
+@pytest.mark.parametrize("overrides, field", [(dict(seeds=[]), "seeds"), (dict(width=512), "width")])
+def test_malformed_axes_are_refused_before_sending(overrides, field):
+    with pytest.raises(InvalidJobError) as raised:
+        request(**overrides)
+    assert raised.value.field == field
+
+
+def test_reconnect_backoff_doubles_is_capped_and_ends():
+    delays = list(_wire.reconnect_delays())
+    assert delays[1] == 2 * delays[0] and max(delays) == RECONNECT_MAX_DELAY_S
+    assert sum(delays) <= RECONNECT_WINDOW_S
+    with pytest.raises(FarmUnavailableError, match="could not resume"):
+        _wire.next_delay(iter(()), "job-1")
