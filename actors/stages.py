@@ -59,7 +59,7 @@ class TextEncoderStage(_Stage):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-        encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=self._dtype)
+        encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=self._dtype)
         return tokenizer, encoder.to(self._device).eval()
 
     def encoded_count(self) -> int:
@@ -75,7 +75,7 @@ class DenoiserStage(_Stage):
     def _load(self, model_dir: Path):
         from diffusers import DDIMScheduler, UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=self._dtype)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=self._dtype)
         scheduler_config = DDIMScheduler.load_config(model_dir, subfolder="scheduler")
         vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
         return unet.to(self._device).eval(), scheduler_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -94,7 +94,7 @@ class DecoderStage(_Stage):
     def _load(self, model_dir: Path):
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=self._dtype)
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=self._dtype)
         return vae.to(self._device).eval()
 
     def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> list[bytes]:

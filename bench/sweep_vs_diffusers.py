@@ -28,7 +28,7 @@ def diffusers_loop(model_dir: Path, prompts, seeds, steps: int, size: int) -> fl
     """Images/s of the loop a diffusers user writes: one pipeline call per image."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
     for prompt in prompts:
