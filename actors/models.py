@@ -47,10 +47,15 @@ def silence_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def read_config(model_dir: Path, component: str) -> dict:
+    """A component's config.json, e.g. read_config(model_dir, "vae")."""
+    return _read_json(Path(model_dir) / component / "config.json")
+
+
 def default_image_size(model_dir: Path) -> tuple[int, int]:
     """The model's native (width, height), from its config files alone."""
-    unet_config = _read_json(Path(model_dir) / "unet" / "config.json")
-    vae_config = _read_json(Path(model_dir) / "vae" / "config.json")
+    unet_config = read_config(model_dir, "unet")
+    vae_config = read_config(model_dir, "vae")
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     sample_size = unet_config["sample_size"]
     # diffusers allows a non-square sample size, given as (height, width).

@@ -10,10 +10,12 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
-from renderfarm.actors import txt2img
+from renderfarm.actors import tiled_decode, txt2img
+from renderfarm.actors.tiles import Tile
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.spec import ImageSpec, encode_png
 
@@ -94,13 +96,40 @@ class DecoderStage(_Stage):
     def _load(self, model_dir: Path):
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=self._dtype)
-        return vae.to(self._device).eval()
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=self._dtype).to(self._device).eval()
+        return vae, tiled_decode.segments(vae)
 
     def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> list[bytes]:
         """PNG bytes, one per spec, each with its spec embedded."""
-        images = txt2img.decode(self._components(model), latents)
+        vae, _ = self._components(model)
+        images = txt2img.decode(vae, latents)
         return [encode_png(image, spec) for image, spec in zip(images, specs, strict=True)]
+
+    # The tiled decode, one step per call; the dispatcher drives the steps across replicas.
+    def tiled_prepare(self, model: str, latents, item: int, tiles: list[Tile]):
+        """Returns each tile's input state, then the first norm's sums (call with num_returns=len(tiles)+1)."""
+        # Arrays from Ray's object store are read-only: copy the one item.
+        latents = torch.from_numpy(np.array(latents[item : item + 1]))
+        vae, _ = self._components(model)
+        states, sums = tiled_decode.prepare(vae, latents, tiles)
+        return (*(_on(state, "cpu") for state in states), sums)
+
+    def tiled_segment(self, model: str, index: int, tile: Tile, state, sums):
+        """Runs one segment on one tile: (new state, next norm's partial sums) or, after the last, (RGB core, None)."""
+        _, cut = self._components(model)
+        state, next_sums = tiled_decode.run_segment(cut, index, tile, _on(state, self._device), sums)
+        if next_sums is None:
+            return tiled_decode.to_pixels(tile, state, cut[-1].scale), None
+        # States travel through Ray's object store, which holds CPU memory.
+        return _on(state, "cpu"), next_sums
+
+    def tiled_assemble(self, tiles: list[Tile], spec, *cores) -> bytes:
+        scale = cores[0].shape[0] // (tiles[0].bottom - tiles[0].top)
+        return encode_png(tiled_decode.assemble(tiles, list(cores), scale), spec)
+
+
+def _on(state: tiled_decode.TileState, device: str) -> tiled_decode.TileState:
+    return {name: tensor.to(device) for name, tensor in state.items()}
 
 
 TextEncoder = ray.remote(TextEncoderStage)

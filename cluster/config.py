@@ -40,6 +40,10 @@ class FarmConfig:
     # None starts a local Ray instance; "auto" or an address joins a running cluster.
     ray_address: str | None = None
     max_batch: int = 8
+    # Sweep images with more pixels than this decode in tiles across the VAE pool.
+    tiled_decode_above_pixels: int = 1024 * 1024
+    # Side of a tiled decode's tile core, in pixels, unless a job names its own.
+    decode_tile: int = 512
     encoders: PoolConfig = field(default_factory=PoolConfig)
     denoisers: PoolConfig = field(default_factory=PoolConfig)
     decoders: PoolConfig = field(default_factory=PoolConfig)

@@ -19,7 +19,9 @@ from renderfarm.actors.txt2img import DenoiseBatch, DenoiseItem
 from renderfarm.cluster.config import FarmConfig, PoolConfig
 from renderfarm.cluster.constants import BATCHES_IN_FLIGHT_PER_DENOISER, REPLICAS_READY_TIMEOUT_S
 from renderfarm.cluster.jobs import JobRecord
-from renderfarm.cluster.planner import batches
+from renderfarm.actors.tiles import plan_tiles
+from renderfarm.cluster.model_info import model_info
+from renderfarm.cluster.planner import Decode, Sweep, batches
 from renderfarm.cluster.results import LocalResultStore
 from renderfarm.spec import ImageSpec
 
@@ -73,10 +75,22 @@ class Dispatcher:
     async def run(self, job: JobRecord) -> None:
         """Renders every image of the job; ends it SUCCEEDED, FAILED or CANCELLED."""
         job.set_running()
+        try:
+            if isinstance(job.work, Decode):
+                await self._decode(job, job.work)
+            else:
+                await self._sweep(job, job.work)
+        except Exception as error:  # a failed batch fails its job, never the farm
+            log.exception("job %s failed", job.id)
+            job.finish(JobState.FAILED, f"{type(error).__name__}: {error}")
+            return
+        job.finish(JobState.CANCELLED if job.cancel_requested else JobState.SUCCEEDED)
+
+    async def _sweep(self, job: JobRecord, sweep: Sweep) -> None:
         embeddings: dict[str, ray.ObjectRef] = {}
         in_flight: set[asyncio.Task] = set()
         try:
-            for batch in batches(job.sweep.specs(), self._config.max_batch):
+            for batch in batches(sweep.specs(), self._config.max_batch):
                 await self._slots.acquire()
                 if job.cancel_requested:
                     self._slots.release()
@@ -86,22 +100,48 @@ class Dispatcher:
                 in_flight.add(task)
                 in_flight = await _reap(in_flight)
             await asyncio.gather(*in_flight)
-        except Exception as error:  # a failed batch fails its job, never the farm
-            log.exception("job %s failed", job.id)
+        except Exception:
             for task in in_flight:
                 task.cancel()
-            job.finish(JobState.FAILED, f"{type(error).__name__}: {error}")
-            return
-        job.finish(JobState.CANCELLED if job.cancel_requested else JobState.SUCCEEDED)
+            raise
+
+    async def _decode(self, job: JobRecord, decode: Decode) -> None:
+        async with self._slots:
+            latents = ray.put(decode.latents)
+            png = await self._tiled_decode(decode.spec.model, latents, 0, decode.spec, decode.core, decode.halo)
+            await self._store_result(job, decode.spec, png)
+
+    async def _store_result(self, job: JobRecord, spec, png: bytes) -> None:
+        name = await asyncio.to_thread(self._store.write, job.id, spec, png)
+        job.add_result(spec, name)
+
+    async def _tiled_decode(self, model: str, latents, item: int, spec, core: int, halo: int) -> bytes:
+        """One image decoded in tiles spread over the VAE pool; each norm's statistics gathered between segments."""
+        info = model_info(model, self._config.model_cache_dir)
+        scale = info.vae_scale_factor
+        tiles = plan_tiles(spec.height // scale, spec.width // scale, core, halo)
+        *states, sums = self._decoders.next().tiled_prepare.options(num_returns=len(tiles) + 1).remote(
+            model, latents, item, tiles
+        )
+        sums = await sums
+        for index in range(info.decode_segments):
+            calls = [
+                self._decoders.next().tiled_segment.options(num_returns=2).remote(model, index, tile, state, sums)
+                for tile, state in zip(tiles, states)
+            ]
+            states = [state for state, _ in calls]
+            if index + 1 < info.decode_segments:
+                sums = sum(await asyncio.gather(*(tile_sums for _, tile_sums in calls)))
+        return await self._decoders.next().tiled_assemble.remote(tiles, spec, *states)
 
     async def _render(self, job: JobRecord, batch: list[ImageSpec], embeddings: dict) -> None:
         def embedding(text: str) -> ray.ObjectRef:
             # Each unique text of a job is encoded once; its ref serves every seed and setting.
             if text not in embeddings:
-                embeddings[text] = self._encoders.next().encode.remote(job.sweep.model, text)
+                embeddings[text] = self._encoders.next().encode.remote(model, text)
             return embeddings[text]
 
-        first = batch[0]
+        first, model = batch[0], batch[0].model
         denoise_batch = DenoiseBatch(
             width=first.width,
             height=first.height,
@@ -112,11 +152,17 @@ class Dispatcher:
         embeds = [embedding(s.prompt) for s in batch]
         if denoise_batch.guided:
             embeds += [embedding(s.negative_prompt) for s in batch]
-        latents = self._denoisers.next().denoise.remote(job.sweep.model, denoise_batch, *embeds)
-        pngs = await self._decoders.next().decode.remote(job.sweep.model, latents, batch)
+        latents = self._denoisers.next().denoise.remote(model, denoise_batch, *embeds)
+        if first.width * first.height > self._config.tiled_decode_above_pixels:
+            info = model_info(model, self._config.model_cache_dir)
+            core = self._config.decode_tile // info.vae_scale_factor
+            for item, spec in enumerate(batch):
+                png = await self._tiled_decode(model, latents, item, spec, core, info.decode_halo)
+                await self._store_result(job, spec, png)
+            return
+        pngs = await self._decoders.next().decode.remote(model, latents, batch)
         for spec, png in zip(batch, pngs, strict=True):
-            name = await asyncio.to_thread(self._store.write, job.id, spec, png)
-            job.add_result(spec, name)
+            await self._store_result(job, spec, png)
 
 
 async def _reap(tasks: set[asyncio.Task]) -> set[asyncio.Task]:

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from renderfarm._wire import JobState
-from renderfarm.cluster.planner import Sweep
-from renderfarm.spec import ImageSpec
+from renderfarm.cluster.planner import Decode, Sweep
+from renderfarm.spec import DecodedImageSpec, ImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 STATE_TO_PB = {
@@ -27,16 +27,18 @@ STATE_TO_PB = {
 }
 
 
-def spec_to_pb(spec: ImageSpec) -> pb.ImageSpec:
-    return pb.ImageSpec(**vars(spec))
+def result_to_pb(spec: ImageSpec | DecodedImageSpec, name: str) -> pb.ImageResult:
+    if isinstance(spec, DecodedImageSpec):
+        return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name)
+    return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name)
 
 
 class JobRecord:
-    def __init__(self, job_id: str, request: pb.SubmitJobRequest, sweep: Sweep):
+    def __init__(self, job_id: str, request: pb.SubmitJobRequest, work: Sweep | Decode):
         self.id = job_id
         self.request = request
-        self.sweep = sweep
-        self.total = sweep.total
+        self.work = work
+        self.total = work.total
         self.created_at = time.time()
         self.state = JobState.QUEUED
         self.completed = 0
@@ -56,9 +58,9 @@ class JobRecord:
         self.state = JobState.RUNNING
         self._append(state=STATE_TO_PB[JobState.RUNNING])
 
-    def add_result(self, spec: ImageSpec, name: str) -> None:
+    def add_result(self, spec: ImageSpec | DecodedImageSpec, name: str) -> None:
         self.completed += 1
-        self._append(result=pb.ImageResult(spec=spec_to_pb(spec), name=name))
+        self._append(result=result_to_pb(spec, name))
         self._append(progress=pb.Progress(completed=self.completed, total=self.total))
 
     def finish(self, state: JobState, error: str = "") -> None:
@@ -66,15 +68,20 @@ class JobRecord:
         self._append(state=STATE_TO_PB[state], error=error)
 
     def to_pb(self) -> pb.Job:
-        return pb.Job(
+        job = pb.Job(
             id=self.id,
             state=STATE_TO_PB[self.state],
             total=self.total,
             completed=self.completed,
             error=self.error,
             created_at=self.created_at,
-            sweep=self.request.sweep,
         )
+        if self.request.HasField("sweep"):
+            job.sweep.CopyFrom(self.request.sweep)
+        else:
+            job.decode.CopyFrom(self.request.decode)
+            job.decode.ClearField("latents_npy")  # megabytes that a status call does not need
+        return job
 
     async def follow(self, after_seq: int) -> AsyncIterator[pb.JobEvent]:
         """The events after `after_seq`, then new ones as they come, until the job's final event."""
@@ -94,8 +101,8 @@ class JobStore:
         self._jobs: dict[str, JobRecord] = {}
         self._by_request_id: dict[str, str] = {}
 
-    def create(self, request: pb.SubmitJobRequest, sweep: Sweep) -> JobRecord:
-        job = JobRecord(uuid.uuid4().hex[:16], request, sweep)
+    def create(self, request: pb.SubmitJobRequest, work: Sweep | Decode) -> JobRecord:
+        job = JobRecord(uuid.uuid4().hex[:16], request, work)
         self._jobs[job.id] = job
         if request.request_id:
             self._by_request_id[request.request_id] = job.id

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from renderfarm.spec import ImageSpec
+from renderfarm.spec import DecodedImageSpec, ImageSpec
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,17 @@ class Sweep:
                     guidance_scale=guidance_scale,
                     scheduler=scheduler,
                 )
+
+
+@dataclass(frozen=True)
+class Decode:
+    """A validated decode job: one image from given latents, in tiles of `core` latent pixels with `halo`."""
+
+    latents: object  # numpy float32 [1, C, h, w]
+    spec: DecodedImageSpec
+    core: int
+    halo: int
+    total: int = 1
 
 
 def batch_key(spec: ImageSpec) -> tuple:

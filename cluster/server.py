@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import cache
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,7 +15,8 @@ from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.results import LocalResultStore
-from renderfarm.cluster.validate import ModelDefaults, validate_sweep
+from renderfarm.cluster.model_info import ModelInfo, model_info
+from renderfarm.cluster.validate import validate
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 from renderfarm.v1 import farm_pb2_grpc
@@ -39,18 +38,18 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
             return pb.SubmitJobResponse(job=existing.to_pb())
         try:
             # Resolving a model may build or read files: keep it off the event loop.
-            sweep = await asyncio.to_thread(validate_sweep, request, self._config.limits, self._model_defaults)
+            work = await asyncio.to_thread(validate, request, self._config, self._model_info)
         except InvalidJobError as error:
             context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field or ""),))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        job = self._jobs.create(request, sweep)
+        job = self._jobs.create(request, work)
         task = asyncio.create_task(self._dispatcher.run(job))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return pb.SubmitJobResponse(job=job.to_pb())
 
-    def _model_defaults(self, model: str) -> ModelDefaults:
-        return model_defaults(model, self._config.model_cache_dir)
+    def _model_info(self, model: str) -> ModelInfo:
+        return model_info(model, self._config.model_cache_dir)
 
     async def _job(self, job_id: str, context) -> JobRecord:
         job = self._jobs.get(job_id)
@@ -78,11 +77,10 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         async for event in job.follow(request.after_seq):
             if event.WhichOneof("kind") == "result" and not request.omit_images:
                 png = await asyncio.to_thread(self._store.read, job.id, event.result.name)
-                event = pb.JobEvent(
-                    seq=event.seq,
-                    job_id=event.job_id,
-                    result=pb.ImageResult(spec=event.result.spec, name=event.result.name, png=png),
-                )
+                with_image = pb.JobEvent()
+                with_image.CopyFrom(event)
+                with_image.result.png = png
+                event = with_image
             yield event
 
     async def drain(self) -> None:
@@ -91,19 +89,6 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
             if not job.state.finished:
                 job.cancel_requested = True
         await asyncio.gather(*self._running, return_exceptions=True)
-
-
-@cache
-def model_defaults(model: str, model_cache_dir: Path) -> ModelDefaults:
-    """A model's native size and own scheduler; raises ValueError (ModelNotFoundError) if unresolvable."""
-    from renderfarm.actors.models import default_image_size, resolve_model, scheduler_class_name
-    from renderfarm.actors.schedulers import SCHEDULER_CLASSES
-
-    model_dir = resolve_model(model, model_cache_dir)
-    width, height = default_image_size(model_dir)
-    class_name = scheduler_class_name(model_dir)
-    names = [name for name, cls in SCHEDULER_CLASSES.items() if cls.__name__ == class_name]
-    return ModelDefaults(width=width, height=height, scheduler=names[0] if names else class_name)
 
 
 class Farm:

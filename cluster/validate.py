@@ -5,11 +5,14 @@ Nothing is created before validation passes, so a bad request leaves no trace.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from renderfarm.cluster.config import LimitsConfig
+import numpy as np
+
+from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.constants import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_SEED,
@@ -17,34 +20,40 @@ from renderfarm.cluster.constants import (
     MAX_SEED,
     SIZE_MULTIPLE,
 )
-from renderfarm.cluster.planner import Sweep
+from renderfarm.cluster.model_info import ModelInfo
+from renderfarm.cluster.planner import Decode, Sweep
 from renderfarm.errors import InvalidJobError
-from renderfarm.spec import SCHEDULER_LABELS
+from renderfarm.spec import SCHEDULER_LABELS, DecodedImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 
-@dataclass(frozen=True)
-class ModelDefaults:
-    """What an unset axis means for a model: its native size and its own scheduler."""
-
-    width: int
-    height: int
-    scheduler: str
+ModelLookup = Callable[[str], ModelInfo]
 
 
 def invalid(field: str, message: str) -> InvalidJobError:
     return InvalidJobError(f"{field}: {message}", field=field)
 
 
-def validate_sweep(
-    request: pb.SubmitJobRequest,
-    limits: LimitsConfig,
-    model_defaults: Callable[[str], ModelDefaults],
-) -> Sweep:
-    """`model_defaults` raises ValueError for a model that cannot be resolved."""
-    if request.WhichOneof("kind") != "sweep":
-        raise invalid("kind", "the request names no job (set sweep)")
-    sweep = request.sweep
+def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: ModelLookup) -> Sweep | Decode:
+    """`model_info` raises ValueError for a model that cannot be resolved."""
+    kind = request.WhichOneof("kind")
+    if kind == "sweep":
+        return validate_sweep(request.sweep, config.limits, model_info)
+    if kind == "decode":
+        return validate_decode(request.decode, config, model_info)
+    raise invalid("kind", "the request names no job (set sweep or decode)")
+
+
+def _model(field: str, model: str, model_info: ModelLookup) -> ModelInfo:
+    if not model:
+        raise invalid(field, "must name a model, e.g. builtin:tiny-sd")
+    try:
+        return model_info(model)
+    except ValueError as error:
+        raise invalid(field, str(error)) from None
+
+
+def validate_sweep(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) -> Sweep:
     prompts = _prompts(sweep, limits)
     _text("sweep.negative_prompt", sweep.negative_prompt, limits)
 
@@ -82,12 +91,7 @@ def validate_sweep(
     if total > limits.max_images_per_job:
         raise invalid("sweep", f"{total} images is over the limit of {limits.max_images_per_job} per job")
 
-    if not sweep.model:
-        raise invalid("sweep.model", "must name a model, e.g. builtin:tiny-sd")
-    try:
-        defaults = model_defaults(sweep.model)
-    except ValueError as error:
-        raise invalid("sweep.model", str(error)) from None
+    defaults = _model("sweep.model", sweep.model, model_info)
     if not sweep.schedulers and defaults.scheduler not in SCHEDULER_LABELS:
         raise invalid(
             "sweep.schedulers",
@@ -104,6 +108,40 @@ def validate_sweep(
         sizes=tuple((s.width, s.height) for s in sweep.sizes) or ((defaults.width, defaults.height),),
         schedulers=tuple(sweep.schedulers) or (defaults.scheduler,),
     )
+
+
+def validate_decode(decode: pb.DecodeSpec, config: FarmConfig, model_info: ModelLookup) -> Decode:
+    try:
+        latents = np.load(io.BytesIO(decode.latents_npy), allow_pickle=False)
+    except Exception as error:  # numpy raises several types for a malformed file
+        raise invalid("decode.latents_npy", f"is not a NumPy .npy array ({error})") from None
+    if latents.dtype.kind != "f" or latents.ndim != 4 or latents.shape[0] != 1 or 0 in latents.shape:
+        raise invalid("decode.latents_npy", f"must be a float array [1, C, h, w] (got {latents.dtype} {latents.shape})")
+    if not np.isfinite(latents).all():
+        raise invalid("decode.latents_npy", "must hold finite numbers only")
+    info = _model("decode.model", decode.model, model_info)
+    scale, limits = info.vae_scale_factor, config.limits
+    if latents.shape[1] != info.latent_channels:
+        raise invalid("decode.latents_npy", f"has {latents.shape[1]} channels; the model's VAE takes {info.latent_channels}")
+    height, width = latents.shape[2] * scale, latents.shape[3] * scale
+    if max(height, width) > limits.max_side:
+        raise invalid("decode.latents_npy", f"decodes to {width}x{height}, over the limit of {limits.max_side} a side")
+    tile = decode.tile or config.decode_tile
+    if tile <= 0 or tile % scale or tile > limits.max_side:
+        raise invalid("decode.tile", f"must be a positive multiple of {scale} up to {limits.max_side} (got {tile})")
+    overlap = decode.overlap or info.decode_halo * scale
+    if overlap < 0 or overlap % scale or overlap > limits.max_side:
+        raise invalid("decode.overlap", f"must be a multiple of {scale} from 0 to {limits.max_side} (got {overlap})")
+    latents = latents.astype(np.float32)
+    spec = DecodedImageSpec(
+        model=decode.model,
+        latents_sha256=hashlib.sha256(np.ascontiguousarray(latents).tobytes()).hexdigest(),
+        width=width,
+        height=height,
+        tile=tile,
+        overlap=overlap,
+    )
+    return Decode(latents=latents, spec=spec, core=tile // scale, halo=overlap // scale)
 
 
 def _prompts(sweep: pb.SweepSpec, limits: LimitsConfig) -> tuple[str, ...]:

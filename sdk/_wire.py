@@ -25,7 +25,7 @@ from renderfarm.errors import (
     JobNotFoundError,
     RenderfarmError,
 )
-from renderfarm.spec import ImageSpec
+from renderfarm.spec import DecodedImageSpec, ImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 
@@ -64,7 +64,7 @@ class JobStatus:
 class Result:
     """One finished image: the PNG as the farm stored it, and its spec."""
 
-    spec: ImageSpec
+    spec: ImageSpec | DecodedImageSpec
     name: str
     png: bytes
 
@@ -128,6 +128,18 @@ def sweep_request(
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep)
 
 
+def decode_request(latents, *, model: str, tile: int | None, overlap: int | None, request_id: str | None):
+    """`latents`: an array-like [1, C, h, w]; numpy is imported only here, when decoding is used."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(latents), allow_pickle=False)
+    decode = pb.DecodeSpec(model=model, latents_npy=buffer.getvalue(), tile=tile or 0, overlap=overlap or 0)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, decode=decode)
+
+
 def job_status(job: pb.Job) -> JobStatus:
     return JobStatus(
         id=job.id,
@@ -154,6 +166,10 @@ def image_spec(spec: pb.ImageSpec) -> ImageSpec:
 
 
 def result(message: pb.ImageResult) -> Result:
+    if message.WhichOneof("kind") == "decoded":
+        d = message.decoded
+        spec = DecodedImageSpec(d.model, d.latents_sha256, d.width, d.height, d.tile, d.overlap)
+        return Result(spec=spec, name=message.name, png=message.png)
     return Result(spec=image_spec(message.spec), name=message.name, png=message.png)
 
 

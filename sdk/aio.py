@@ -69,6 +69,23 @@ class AsyncClient:
         )
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
 
+    async def decode(
+        self,
+        latents,
+        *,
+        model: str = DEFAULT_MODEL,
+        tile: int | None = None,
+        overlap: int | None = None,
+        request_id: str | None = None,
+    ) -> AsyncJob:
+        """Decodes latents [1, C, h, w] (as the denoiser makes them) into one image, tiled over the VAE replicas.
+
+        `tile` is the side of a tile's core in pixels (default 512); `overlap` the halo around it
+        (default: the decoder's full reach, which makes the result equal the one-piece decode).
+        """
+        request = _wire.decode_request(latents, model=model, tile=tile, overlap=overlap, request_id=request_id)
+        return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
+
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))).job)
 

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from renderfarm._constants import DEFAULT_MODEL
@@ -103,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
     _add_farm_options(sweep)
 
+    decode = commands.add_parser("decode", help="decode latents (.npy, [1, C, h, w]) into one image, in tiles")
+    decode.add_argument("latents", type=Path, help="a NumPy .npy file of latents as the denoiser makes them")
+    decode.add_argument("--model", default=DEFAULT_MODEL, help=f"the model whose VAE decodes (default {DEFAULT_MODEL})")
+    decode.add_argument("--out", type=Path, required=True, help="directory for the PNG and manifest.jsonl")
+    decode.add_argument("--tile", type=int, help="tile core side in pixels (default 512)")
+    decode.add_argument("--overlap", type=int, help="halo around each tile in pixels (default: exact)")
+    decode.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    _add_farm_options(decode)
+
     jobs = commands.add_parser("jobs", help="list the farm's jobs")
     jobs.add_argument("--address")
     for name, text in (("status", "show a job"), ("cancel", "cancel a job"), ("watch", "follow a job to its end")):
@@ -155,6 +165,33 @@ def save_results(job: Job, out: Path, total: int) -> int:
     return progress.done
 
 
+def _on_farm(args, submit: Callable[[Client], Job]) -> int:
+    """Submits to the farm at --address, or to an embedded one; saves the results into --out."""
+
+    def run(client: Client) -> int:
+        job = submit(client)
+        print(f"job {job.id}: {job.total} images -> {args.out}", file=sys.stderr)
+        saved = save_results(job, args.out, job.total)
+        status = job.status()
+        print(f"job {job.id} {status.state.value}: {saved} images in {args.out}", file=sys.stderr)
+        return 0 if status.state == JobState.SUCCEEDED else 1
+
+    if args.address:
+        with Client(args.address) as client:
+            return run(client)
+    from renderfarm.cluster.embedded import EmbeddedFarm
+
+    with EmbeddedFarm(farm_config(args)) as farm, Client(farm.address) as client:
+        return run(client)
+
+
+def _decode(args) -> int:
+    import numpy as np
+
+    latents = np.load(args.latents, allow_pickle=False)
+    return _on_farm(args, lambda client: client.decode(latents, model=args.model, tile=args.tile, overlap=args.overlap))
+
+
 def _sweep(args) -> int:
     if args.prompts_file:
         prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
@@ -163,8 +200,8 @@ def _sweep(args) -> int:
     if (args.width is None) != (args.height is None):
         raise SystemExit("renderfarm sweep: give both --width and --height, or neither")
 
-    def submit(client: Client) -> int:
-        job = client.sweep(
+    def submit(client: Client) -> Job:
+        return client.sweep(
             prompts,
             seeds=args.seeds,
             guidance_scale=args.guidance,
@@ -175,19 +212,8 @@ def _sweep(args) -> int:
             scheduler=args.scheduler,
             model=args.model,
         )
-        print(f"job {job.id}: {job.total} images -> {args.out}", file=sys.stderr)
-        saved = save_results(job, args.out, job.total)
-        status = job.status()
-        print(f"job {job.id} {status.state.value}: {saved} images in {args.out}", file=sys.stderr)
-        return 0 if status.state == JobState.SUCCEEDED else 1
 
-    if args.address:
-        with Client(args.address) as client:
-            return submit(client)
-    from renderfarm.cluster.embedded import EmbeddedFarm
-
-    with EmbeddedFarm(farm_config(args)) as farm, Client(farm.address) as client:
-        return submit(client)
+    return _on_farm(args, submit)
 
 
 def _up(args) -> int:
@@ -225,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "decode":
+            return _decode(args)
         if args.command == "models":
             from renderfarm.actors.models import resolve_model
 
@@ -249,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 _print_status(status)
                 return 0 if status.state == JobState.SUCCEEDED else 1
         return 0
-    except (RenderfarmError, ValueError) as error:
+    except (RenderfarmError, ValueError, OSError) as error:
         print(f"renderfarm: {error}", file=sys.stderr)
         return 2
 

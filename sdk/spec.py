@@ -30,9 +30,23 @@ PARAMETERS_CHUNK = "parameters"
 MANIFEST = "manifest.jsonl"
 
 
+class _Spec:
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+
+    @property
+    def file_name(self) -> str:
+        """Deterministic from the spec, so a re-rendered image overwrites itself."""
+        digest = hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+        return f"{self._name_stem()}-{digest}.png"
+
+    def _name_stem(self) -> str:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class ImageSpec:
-    """Everything an image is a function of (DESIGN.md invariant 1)."""
+class ImageSpec(_Spec):
+    """Everything a generated image is a function of (DESIGN.md invariant 1)."""
 
     model: str
     prompt: str
@@ -44,19 +58,9 @@ class ImageSpec:
     guidance_scale: float
     scheduler: str
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> ImageSpec:
-        return cls(**json.loads(text))
-
-    @property
-    def file_name(self) -> str:
-        """Deterministic from the spec, so a re-rendered image overwrites itself."""
-        digest = hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+    def _name_stem(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:40] or "image"
-        return f"{slug}-{self.seed}-{digest}.png"
+        return f"{slug}-{self.seed}"
 
     def a1111_parameters(self) -> str:
         lines = [self.prompt]
@@ -70,7 +74,30 @@ class ImageSpec:
         return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, spec: ImageSpec) -> bytes:
+@dataclass(frozen=True)
+class DecodedImageSpec(_Spec):
+    """Everything a decoded image is a function of: the latents (by hash) and the VAE."""
+
+    model: str
+    latents_sha256: str
+    width: int
+    height: int
+    tile: int
+    overlap: int
+
+    def _name_stem(self) -> str:
+        return f"decoded-{self.latents_sha256[:12]}"
+
+    def a1111_parameters(self) -> str:
+        return f"Decoded latents {self.latents_sha256}, Size: {self.width}x{self.height}, Model: {self.model}"
+
+
+def spec_from_json(text: str) -> ImageSpec | DecodedImageSpec:
+    fields = json.loads(text)
+    return DecodedImageSpec(**fields) if "latents_sha256" in fields else ImageSpec(**fields)
+
+
+def encode_png(image: Image.Image, spec: ImageSpec | DecodedImageSpec) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_itxt(PARAMETERS_CHUNK, spec.a1111_parameters())
     info.add_itxt(SPEC_CHUNK, spec.to_json())
@@ -79,16 +106,16 @@ def encode_png(image: Image.Image, spec: ImageSpec) -> bytes:
     return buffer.getvalue()
 
 
-def read_spec(png: str | Path | bytes) -> ImageSpec:
+def read_spec(png: str | Path | bytes) -> ImageSpec | DecodedImageSpec:
     """The spec embedded in a result PNG (a path or the file's bytes)."""
     source = io.BytesIO(png) if isinstance(png, bytes) else png
     with Image.open(source) as image:
         text = image.text.get(SPEC_CHUNK)
     if text is None:
         raise ValueError(f"{png if not isinstance(png, bytes) else 'PNG'} carries no renderfarm spec")
-    return ImageSpec.from_json(text)
+    return spec_from_json(text)
 
 
-def manifest_line(name: str, spec: ImageSpec) -> str:
+def manifest_line(name: str, spec: ImageSpec | DecodedImageSpec) -> str:
     """One manifest.jsonl line: the file name and its spec."""
     return json.dumps({"file": name, "spec": asdict(spec)}, sort_keys=True, ensure_ascii=False) + "\n"

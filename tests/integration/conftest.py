@@ -35,11 +35,11 @@ def start_farm(ray_session, farm_config):
     farms = {}
     with contextlib.ExitStack() as stack:
 
-        def start(denoisers: int = 1, max_batch: int = 8) -> EmbeddedFarm:
-            key = (denoisers, max_batch)
+        def start(denoisers: int = 1, decoders: int = 1, max_batch: int = 8, **config) -> EmbeddedFarm:
+            key = (denoisers, decoders, max_batch, tuple(sorted(config.items())))
             if key not in farms:
-                config = replace(farm_config, denoisers=PoolConfig(replicas=denoisers), max_batch=max_batch)
-                farms[key] = stack.enter_context(EmbeddedFarm(config))
+                pools = dict(denoisers=PoolConfig(replicas=denoisers), decoders=PoolConfig(replicas=decoders))
+                farms[key] = stack.enter_context(EmbeddedFarm(replace(farm_config, max_batch=max_batch, **pools, **config)))
             return farms[key]
 
         yield start

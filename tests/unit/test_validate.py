@@ -3,27 +3,30 @@ import math
 import pytest
 
 from renderfarm.cluster.config import LimitsConfig
-from renderfarm.cluster.validate import ModelDefaults, validate_sweep
+from renderfarm.cluster.model_info import ModelInfo
+from renderfarm.cluster.validate import validate_sweep
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 
 LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=200)
 
 
-def model_defaults(model: str) -> ModelDefaults:
+def model_info(model: str) -> ModelInfo:
     if model != "builtin:tiny-sd":
         raise ValueError(f"unknown model {model!r}")
-    return ModelDefaults(width=128, height=128, scheduler="pndm")
+    return ModelInfo(
+        width=128, height=128, scheduler="pndm", vae_scale_factor=8, latent_channels=4, decode_segments=17, decode_halo=9
+    )
 
 
-def request(**sweep) -> pb.SubmitJobRequest:
+def request(**sweep) -> pb.SweepSpec:
     sweep.setdefault("model", "builtin:tiny-sd")
     sweep.setdefault("prompts", ["a red fox"])
-    return pb.SubmitJobRequest(request_id="r", sweep=pb.SweepSpec(**sweep))
+    return pb.SweepSpec(**sweep)
 
 
 def test_unset_axes_take_defaults():
-    sweep = validate_sweep(request(), LIMITS, model_defaults)
+    sweep = validate_sweep(request(), LIMITS, model_info)
     assert sweep.seeds == (0,) and sweep.guidance_scales == (7.5,) and sweep.steps == (50,)
     assert sweep.sizes == ((128, 128),) and sweep.schedulers == ("pndm",)
 
@@ -53,7 +56,7 @@ BAD = [
 @pytest.mark.parametrize("field, sweep", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
 def test_bad_sweeps_name_the_field(field, sweep):
     with pytest.raises(InvalidJobError) as raised:
-        validate_sweep(request(**sweep), LIMITS, model_defaults)
+        validate_sweep(request(**sweep), LIMITS, model_info)
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
 

@@ -72,8 +72,36 @@ class ImageSpec(_message.Message):
     scheduler: str
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ...) -> None: ...
 
+class DecodeSpec(_message.Message):
+    __slots__ = ("model", "latents_npy", "tile", "overlap")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_NPY_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    latents_npy: bytes
+    tile: int
+    overlap: int
+    def __init__(self, model: _Optional[str] = ..., latents_npy: _Optional[bytes] = ..., tile: _Optional[int] = ..., overlap: _Optional[int] = ...) -> None: ...
+
+class DecodedImageSpec(_message.Message):
+    __slots__ = ("model", "latents_sha256", "width", "height", "tile", "overlap")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    latents_sha256: str
+    width: int
+    height: int
+    tile: int
+    overlap: int
+    def __init__(self, model: _Optional[str] = ..., latents_sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile: _Optional[int] = ..., overlap: _Optional[int] = ...) -> None: ...
+
 class Job(_message.Message):
-    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep")
+    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +109,7 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     total: int
@@ -88,15 +117,18 @@ class Job(_message.Message):
     error: str
     created_at: float
     sweep: SweepSpec
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ...) -> None: ...
+    decode: DecodeSpec
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("request_id", "sweep")
+    __slots__ = ("request_id", "sweep", "decode")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sweep: SweepSpec
-    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ...) -> None: ...
+    decode: DecodeSpec
+    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -149,14 +181,16 @@ class StreamJobEventsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., omit_images: _Optional[bool] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("spec", "name", "png")
+    __slots__ = ("spec", "decoded", "name", "png")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    DECODED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     spec: ImageSpec
+    decoded: DecodedImageSpec
     name: str
     png: bytes
-    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., decoded: _Optional[_Union[DecodedImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("completed", "total")
