@@ -7,6 +7,7 @@ a call names, keeping the most recently used few loaded.
 from __future__ import annotations
 
 import json
+import resource
 from collections import OrderedDict
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class _Stage:
 
     def ready(self) -> bool:
         return True
+
+    def peak_rss_bytes(self) -> int:
+        """This replica's peak resident memory so far."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     def _components(self, model: str):
         if model not in self._loaded:
