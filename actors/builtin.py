@@ -33,28 +33,13 @@ def build_tiny_sd(dest: Path) -> None:
     # Imported here so that listing builtins stays cheap for processes that never build one.
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    with tempfile.TemporaryDirectory() as tokenizer_files:
-        vocab_file, merges_file = _write_bpe_files(Path(tokenizer_files))
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
-
+    tokenizer = _build_tokenizer()
     # fork_rng keeps the caller's global RNG untouched; model constructors draw from it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        # quick_gelu: SD 1.x's text encoder is OpenAI's CLIP.
+        text_encoder = _build_text_encoder(tokenizer, hidden_act="quick_gelu")
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=4,
@@ -103,21 +88,127 @@ def build_tiny_sd(dest: Path) -> None:
     pipeline.save_pretrained(dest, safe_serialization=True)
 
 
-def _rescale_untrained_unet(unet) -> None:
+def build_tiny_sd_x4_upscaler(dest: Path) -> None:
+    """Save a small random-weight stabilityai/stable-diffusion-x4-upscaler to `dest` in diffusers layout."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+
+    tokenizer = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # gelu: SD 2's text encoder is OpenCLIP's.
+        text_encoder = _build_text_encoder(tokenizer, hidden_act="gelu")
+        # The real UNet's layout, narrower and one level shallower.
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            # 4 latent channels, then the 3 channels of the noised low-resolution image.
+            in_channels=7,
+            out_channels=4,
+            block_out_channels=(32, 32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            only_cross_attention=(True, True, False),
+            attention_head_dim=8,
+            use_linear_projection=True,
+            cross_attention_dim=text_encoder.config.hidden_size,
+            # The noise level added to the low-resolution image is a class label, one embedding per
+            # level; class_embed_type stays None, which makes that an nn.Embedding.
+            num_class_embeds=1000,
+        )
+        # Milder than tiny-sd's: stronger gains make the sampling chaotic, so that tiny differences
+        # (a tile border) grow over the steps, which a trained upscaler does not do.
+        _rescale_untrained_unet(unet, output_gain=1, text_gain=4)
+        # Three levels: latents are a quarter of the output's width and height, the input's size.
+        vae = AutoencoderKL(
+            sample_size=128,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            norm_num_groups=8,
+            layers_per_block=1,
+            latent_channels=4,
+            scaling_factor=0.08333,
+        )
+
+    # The real model's scheduler configs: v-prediction DDIM for sampling, and DDPM's linear schedule
+    # for the noise added to the low-resolution image.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    low_res_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"
+    )
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=low_res_scheduler,
+        scheduler=scheduler,
+        max_noise_level=350,
+    )
+    pipeline.save_pretrained(dest, safe_serialization=True)
+
+
+def _rescale_untrained_unet(unet, output_gain: float = 3, text_gain: float = 16) -> None:
     """Rescale random UNet weights so sampling responds to the noise and the prompt like a trained model."""
     import torch
     from diffusers.models.attention_processor import Attention
 
     with torch.no_grad():
         # Untrained, the noise prediction has std ~0.35; a trained model's is ~1.
-        unet.conv_out.weight.mul_(3)
-        unet.conv_out.bias.mul_(3)
+        unet.conv_out.weight.mul_(output_gain)
+        unet.conv_out.bias.mul_(output_gain)
         # Untrained cross-attention averages the text tokens evenly, so prompts barely change the image.
         # Sharper and stronger attention to the text makes different prompts give visibly different images.
         for module in unet.modules():
             if isinstance(module, Attention) and module.is_cross_attention:
-                module.to_k.weight.mul_(16)
-                module.to_v.weight.mul_(16)
+                module.to_k.weight.mul_(text_gain)
+                module.to_v.weight.mul_(text_gain)
+
+
+def _build_tokenizer():
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tokenizer_files:
+        vocab_file, merges_file = _write_bpe_files(Path(tokenizer_files))
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+
+
+def _build_text_encoder(tokenizer, hidden_act: str):
+    """A small random CLIP text encoder for `tokenizer`; it draws its weights from the global RNG."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_act=hidden_act,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 def _write_bpe_files(directory: Path) -> tuple[Path, Path]:
@@ -170,7 +261,10 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
     return tuple(merged)
 
 
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-sd": build_tiny_sd}
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-sd-x4-upscaler": build_tiny_sd_x4_upscaler,
+}
 # Part of the cache directory name of built models: bump it whenever a recipe changes,
 # so that builds made by older code are not reused.
 BUILTIN_VERSION = "v1"

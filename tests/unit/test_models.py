@@ -87,12 +87,14 @@ def test_second_resolve_reuses_the_directory(tiny_sd_dir, model_cache_dir, monke
     assert models.resolve_model("builtin:tiny-sd", model_cache_dir) == tiny_sd_dir
 
 
-def test_build_is_deterministic_and_leaves_global_rng_alone(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("name", sorted(builtin.BUILTIN_MODELS))
+def test_build_is_deterministic_and_leaves_global_rng_alone(name, model_cache_dir, tmp_path):
+    cached = models.resolve_model(f"builtin:{name}", model_cache_dir)
     torch.manual_seed(1234)
     rng_state = torch.random.get_rng_state()
-    builtin.build_tiny_sd(tmp_path)
+    builtin.BUILTIN_MODELS[name](tmp_path)
     assert torch.equal(torch.random.get_rng_state(), rng_state)
-    assert file_digests(tmp_path) == file_digests(tiny_sd_dir)
+    assert file_digests(tmp_path) == file_digests(cached)
 
 
 def test_build_losing_a_race_uses_the_winners_directory(tmp_path, monkeypatch):

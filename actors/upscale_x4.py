@@ -1,0 +1,271 @@
+"""The x4 upscaler, stage by stage, written to match StableDiffusionUpscalePipeline step for step.
+
+As in txt2img.py, parity with diffusers is by construction: each function below
+does what the pipeline's ``__call__`` does for its stage, in the same order and
+with the same tensors, so for one image on CPU fp32 the pixels are identical.
+Prompts are encoded with txt2img.encode_text: the pipeline's encode_prompt is
+the text-to-image pipeline's, copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torch import nn
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from renderfarm.actors import txt2img
+
+
+def preprocess(image: PIL.Image.Image, vae_scale_factor: int) -> torch.Tensor:
+    """The low-resolution image as the pipeline takes it: [1, 3, h, w] in [-1, 1].
+
+    Like the pipeline's, this rounds the width and height down to multiples of
+    `vae_scale_factor`, resizing bicubically.
+    """
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor, resample="bicubic").preprocess(image)
+
+
+def upscale_latents(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    low_res_scheduler: DDPMScheduler,
+    image: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    steps: int,
+    guidance_scale: float,
+    noise_level: int,
+    seed: int,
+    tile: int | None = None,
+) -> torch.Tensor:
+    """The whole scheduler loop for one image; returns the final latents [1, C, h, w], at the image's size.
+
+    `image` comes from preprocess(). `negative_embeds` is only used when
+    guidance_scale > 1, where the pipeline encodes "" if no negative prompt is given.
+    With `tile` (pixels of the low-resolution image), the UNet runs on overlapping
+    windows of at most tile x tile whose predictions are blended with feathered
+    weights at every step (MultiDiffusion); the noise is still drawn once over the
+    whole canvas, so overlapping windows share it and a one-window image is the
+    pipeline's exactly.
+    """
+    device = unet.device
+    # The pipeline keeps the image and the latents in the text encoder's dtype.
+    dtype = prompt_embeds.dtype
+    guided = guidance_scale > 1
+    embeds = prompt_embeds.to(device=device)
+    if guided:
+        embeds = torch.cat([negative_embeds.to(device=device, dtype=dtype), embeds])
+
+    with torch.inference_mode():
+        image = image.to(device=device, dtype=dtype)
+        scheduler.set_timesteps(steps, device=device)
+
+        # One generator for everything, drawn in the pipeline's order: the low-resolution
+        # image's noise first, then the latents, then whatever the scheduler's steps draw.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise_level = torch.tensor([noise_level], dtype=torch.long, device=device)
+        noise = randn_tensor(image.shape, generator=generator, device=device, dtype=dtype)
+        image = low_res_scheduler.add_noise(image, noise, noise_level)
+        if guided:
+            image = torch.cat([image] * 2)
+        # The UNet takes the noise level as its class label, one per batch row.
+        noise_level = torch.cat([noise_level] * image.shape[0])
+
+        # The UNet's input is the latents and the image, stacked along channels.
+        latent_channels = unet.config.in_channels - image.shape[1]
+        shape = (1, latent_channels, image.shape[2], image.shape[3])
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+
+        step_parameters = inspect.signature(scheduler.step).parameters
+        step_kwargs = {}
+        if "eta" in step_parameters:
+            step_kwargs["eta"] = 0.0
+        if "generator" in step_parameters:
+            step_kwargs["generator"] = generator
+
+        windows = tile_windows(image.shape[2], image.shape[3], tile, align=2 ** (len(unet.config.block_out_channels) - 1))
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            model_input = torch.cat([model_input, image], dim=1)
+
+            def predict(window_input: torch.Tensor) -> torch.Tensor:
+                return unet(
+                    window_input, t, encoder_hidden_states=embeds, class_labels=noise_level, return_dict=False
+                )[0]
+
+            noise_pred = blended(predict, model_input, windows, latent_channels)
+            if guided:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+    return latents
+
+
+# Overlap between neighbouring windows, as a fraction of the tile.
+WINDOW_OVERLAP = 0.5
+
+
+@dataclass(frozen=True)
+class Window:
+    """A UNet window in latent pixels, and the part of the canvas it owns for normalisation statistics."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    own_top: int
+    own_bottom: int
+    own_left: int
+    own_right: int
+
+
+def _spans(length: int, tile: int, align: int) -> list[tuple[int, int, int, int]]:
+    """(start, end, own_start, own_end) along one axis: windows overlapping by half, starts aligned."""
+    if length <= tile:
+        return [(0, length, 0, length)]
+    stride = max(align, int(tile * (1 - WINDOW_OVERLAP)) // align * align)
+    starts = sorted({*range(0, length - tile, stride), (length - tile) // align * align})
+    ends = [start + tile for start in starts[:-1]] + [length]
+    # Each window owns the canvas up to the middle of its overlap with the next one.
+    middles = [((end + start) // 2) // align * align for end, start in zip(ends[:-1], starts[1:])]
+    owns = [0, *middles, length]
+    return [(s, e, owns[i], owns[i + 1]) for i, (s, e) in enumerate(zip(starts, ends))]
+
+
+def tile_windows(height: int, width: int, tile: int | None, align: int = 1) -> list[Window]:
+    """Windows of about tile x tile covering the canvas; their owned parts partition it."""
+    tile = max(height, width) if tile is None else tile
+    return [
+        Window(top, bottom, left, right, own_top, own_bottom, own_left, own_right)
+        for top, bottom, own_top, own_bottom in _spans(height, tile, align)
+        for left, right, own_left, own_right in _spans(width, tile, align)
+    ]
+
+
+def feather(window: Window, height: int, width: int, ramp: int) -> torch.Tensor:
+    """[1, 1, h, w] weights rising linearly over `ramp` pixels from each window edge inside the canvas."""
+
+    def profile(start: int, end: int, length: int) -> torch.Tensor:
+        position = torch.arange(end - start, dtype=torch.float32)
+        rising = (position + 1) / ramp if start > 0 else torch.ones(end - start)
+        falling = (end - start - position) / ramp if end < length else torch.ones(end - start)
+        return torch.minimum(rising, falling).clamp(max=1)
+
+    rows = profile(window.top, window.bottom, height)
+    columns = profile(window.left, window.right, width)
+    return (rows[:, None] * columns[None, :])[None, None]
+
+
+def blended(predict, model_input: torch.Tensor, windows: list[Window], out_channels: int) -> torch.Tensor:
+    """The UNet's prediction over the whole canvas: one call, or feathered windows run in lockstep.
+
+    Windows run on threads that meet at every GroupNorm, which then normalises with the
+    statistics of the whole canvas (summed over the windows' owned parts), as one call would.
+    """
+    if len(windows) == 1:
+        return predict(model_input)
+    batch, _, height, width = model_input.shape
+    exchange = _StatisticsExchange(len(windows))
+    predictions: list[torch.Tensor | None] = [None] * len(windows)
+
+    def run(rank: int, window: Window) -> None:
+        _window_context.value = (exchange, rank, window)
+        try:
+            with torch.inference_mode():  # grad mode is per thread
+                predictions[rank] = predict(model_input[..., window.top : window.bottom, window.left : window.right])
+        except BaseException:
+            exchange.barrier.abort()
+            raise
+        finally:
+            _window_context.value = None
+
+    with ThreadPoolExecutor(len(windows)) as pool:
+        for future in [pool.submit(run, rank, window) for rank, window in enumerate(windows)]:
+            future.result()
+
+    total = torch.zeros((batch, out_channels, height, width), dtype=model_input.dtype, device=model_input.device)
+    weights = torch.zeros((1, 1, height, width), dtype=model_input.dtype, device=model_input.device)
+    ramp = max(1, int((windows[0].bottom - windows[0].top) * WINDOW_OVERLAP))
+    for window, prediction in zip(windows, predictions):
+        weight = feather(window, height, width, ramp).to(model_input)
+        total[..., window.top : window.bottom, window.left : window.right] += prediction * weight
+        weights[..., window.top : window.bottom, window.left : window.right] += weight
+    return total / weights
+
+
+_window_context = threading.local()
+
+
+class _StatisticsExchange:
+    """Sums each GroupNorm call's partial statistics over all windows; every window makes the same calls."""
+
+    def __init__(self, parties: int):
+        self.barrier = threading.Barrier(parties)
+        self._lock = threading.Lock()
+        self._rounds: dict[int, list] = {}
+        self._calls = [0] * parties
+
+    def all_sum(self, rank: int, partial: torch.Tensor) -> torch.Tensor:
+        call = self._calls[rank]
+        self._calls[rank] += 1
+        with self._lock:
+            contributions = self._rounds.setdefault(call, [None] * len(self._calls))
+        contributions[rank] = partial
+        self.barrier.wait()
+        return sum(contributions)  # in rank order, so every window gets the same bits
+
+
+def _group_norm_forward(norm: nn.GroupNorm, tensor: torch.Tensor) -> torch.Tensor:
+    context = getattr(_window_context, "value", None)
+    if context is None:
+        return F.group_norm(tensor, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    exchange, rank, window = context
+    batch, channels, height, width = tensor.shape
+    # This level's pixels per latent pixel, from the window's size (windows are aligned to it).
+    scale_y, scale_x = (window.bottom - window.top) / height, (window.right - window.left) / width
+    owned = tensor[
+        ...,
+        round((window.own_top - window.top) / scale_y) : round((window.own_bottom - window.top) / scale_y),
+        round((window.own_left - window.left) / scale_x) : round((window.own_right - window.left) / scale_x),
+    ].double().reshape(batch, norm.num_groups, -1)
+    partial = torch.stack(
+        [torch.full_like(owned[..., 0], owned.shape[-1]), owned.sum(-1), owned.square().sum(-1)], dim=-1
+    )
+    count, total, squares = exchange.all_sum(rank, partial).unbind(-1)
+    mean = total / count
+    inverse_std = torch.rsqrt(squares / count - mean.square() + norm.eps)
+    grouped = tensor.float().reshape(batch, norm.num_groups, -1)
+    normed = ((grouped - mean.float()[..., None]) * inverse_std.float()[..., None]).reshape(tensor.shape)
+    return normed.to(tensor.dtype) * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+
+
+def synchronise_group_norms(unet: UNet2DConditionModel) -> None:
+    """Lets the UNet's GroupNorms take whole-canvas statistics when run inside blended()'s windows."""
+    for module in unet.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.forward = partial(_group_norm_forward, module)
+
+
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> PIL.Image.Image:
+    """Latents to the upscaled image, 4x the low-resolution image's width and height."""
+    # Like the pipeline, decode an fp16 VAE in fp32, where its config asks for it: it overflows in fp16.
+    needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+    if needs_upcasting:
+        vae.to(dtype=torch.float32)
+    try:
+        return txt2img.decode(vae, latents)[0]
+    finally:
+        if needs_upcasting:
+            vae.to(dtype=torch.float16)

@@ -1,0 +1,104 @@
+"""The x4 upscaler's plain functions, without Ray: pixel-identical to StableDiffusionUpscalePipeline."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+from renderfarm.actors import models, txt2img, upscale_x4
+
+PROMPT = "a red fox in the snow"
+NEGATIVE_PROMPT = "blurry"
+STEPS = 3
+NOISE_LEVEL = 20
+
+
+@pytest.fixture(scope="module")
+def upscaler_dir(model_cache_dir) -> Path:
+    return models.resolve_model("builtin:tiny-sd-x4-upscaler", model_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe(upscaler_dir) -> StableDiffusionUpscalePipeline:
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(upscaler_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def low_res_image() -> PIL.Image.Image:
+    """32 wide and 40 high: a transposed width and height would show."""
+    rows, columns = np.mgrid[0:40, 0:32]
+    speckle = np.random.default_rng(0).integers(0, 64, (40, 32))
+    pixels = np.stack([rows * 6, columns * 8, 128 + speckle], axis=-1)
+    return PIL.Image.fromarray(pixels.astype(np.uint8))
+
+
+def upscale_stage_by_stage(pipe, image: PIL.Image.Image, seed: int, guidance_scale: float) -> np.ndarray:
+    prompt_embeds = txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, PROMPT)
+    negative_embeds = txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, NEGATIVE_PROMPT)
+    latents = upscale_x4.upscale_latents(
+        pipe.unet,
+        pipe.scheduler,
+        pipe.low_res_scheduler,
+        upscale_x4.preprocess(image, pipe.vae_scale_factor),
+        prompt_embeds,
+        negative_embeds,
+        steps=STEPS,
+        guidance_scale=guidance_scale,
+        noise_level=NOISE_LEVEL,
+        seed=seed,
+    )
+    return np.asarray(upscale_x4.decode(pipe.vae, latents))
+
+
+def test_builtin_resolves_and_loads_as_the_upscale_pipeline(upscaler_dir, model_cache_dir, pipe):
+    assert upscaler_dir == model_cache_dir / "builtin" / "tiny-sd-x4-upscaler-v1"
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert isinstance(pipe.low_res_scheduler, DDPMScheduler)
+    assert pipe.config.max_noise_level == 350
+    assert pipe.vae.config.scaling_factor == 0.08333
+    assert pipe.vae_scale_factor == 4
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels + 3
+    assert pipe.unet.config.num_class_embeds == 1000
+
+
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stages_are_pixel_identical_to_the_pipeline(pipe, low_res_image, seed, guidance_scale):
+    expected = pipe(
+        prompt=PROMPT,
+        image=low_res_image,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance_scale,
+        noise_level=NOISE_LEVEL,
+        negative_prompt=NEGATIVE_PROMPT,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    expected = np.asarray(expected)
+
+    upscaled = upscale_stage_by_stage(pipe, low_res_image, seed, guidance_scale)
+    assert upscaled.shape == expected.shape == (4 * 40, 4 * 32, 3)
+    assert np.array_equal(upscaled, expected)
+
+
+def test_upscaled_images_vary_with_seed_and_input(pipe, low_res_image):
+    upscaled = upscale_stage_by_stage(pipe, low_res_image, seed=0, guidance_scale=1.0).astype(float)
+    assert upscaled.std() > 10
+    other_seed = upscale_stage_by_stage(pipe, low_res_image, seed=1, guidance_scale=1.0)
+    assert np.abs(upscaled - other_seed).mean() > 10
+    flipped = upscale_stage_by_stage(pipe, low_res_image.transpose(PIL.Image.FLIP_TOP_BOTTOM), 0, 1.0)
+    assert np.abs(upscaled - flipped).mean() > 10
+
+
+def test_an_fp16_vae_decodes_in_fp32_and_stays_fp16(upscaler_dir):
+    vae = AutoencoderKL.from_pretrained(upscaler_dir, subfolder="vae", torch_dtype=torch.float16)
+    latents = torch.randn(1, 4, 10, 8, generator=torch.Generator().manual_seed(0))
+    expected = txt2img.decode(copy.deepcopy(vae).float(), latents)[0]
+    assert np.array_equal(np.asarray(upscale_x4.decode(vae, latents)), np.asarray(expected))
+    assert vae.dtype == torch.float16
