@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from renderfarm.actors import tiled_decode, txt2img
+from renderfarm.actors import tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.tiles import Tile
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.spec import ImageSpec, encode_png
@@ -133,6 +133,47 @@ class DecoderStage(_Stage):
         return encode_png(tiled_decode.assemble(tiles, list(cores), scale), spec)
 
 
+class UpscalerStage(_Stage):
+    def _load(self, model_dir: Path):
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=self._dtype)
+        upscale_x4.synchronise_group_norms(unet)
+        vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
+        return (
+            unet.to(self._device).eval(),
+            json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text()),
+            json.loads((model_dir / "low_res_scheduler" / "scheduler_config.json").read_text()),
+            2 ** (len(vae_config["block_out_channels"]) - 1),
+        )
+
+    def upscale(self, model: str, image: bytes, spec, *embeds: torch.Tensor) -> torch.Tensor:
+        """The final latents of one image; `embeds`: the prompt's, then (if guided) the negative prompt's."""
+        import io
+
+        import diffusers
+        import PIL.Image
+
+        unet, scheduler_config, low_res_config, vae_scale_factor = self._components(model)
+        with PIL.Image.open(io.BytesIO(image)) as source:
+            low_res = upscale_x4.preprocess(source.convert("RGB"), vae_scale_factor)
+        latents = upscale_x4.upscale_latents(
+            unet,
+            # Fresh schedulers of the model's own classes: the loop changes their state.
+            getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config),
+            getattr(diffusers, low_res_config["_class_name"]).from_config(low_res_config),
+            low_res,
+            embeds[0],
+            embeds[1] if len(embeds) > 1 else None,
+            spec.steps,
+            spec.guidance_scale,
+            spec.noise_level,
+            spec.seed,
+            tile=spec.tile,
+        )
+        return latents.cpu()
+
+
 def _on(state: tiled_decode.TileState, device: str) -> tiled_decode.TileState:
     return {name: tensor.to(device) for name, tensor in state.items()}
 
@@ -140,3 +181,4 @@ def _on(state: tiled_decode.TileState, device: str) -> tiled_decode.TileState:
 TextEncoder = ray.remote(TextEncoderStage)
 Denoiser = ray.remote(DenoiserStage)
 Decoder = ray.remote(DecoderStage)
+Upscaler = ray.remote(UpscalerStage)

@@ -47,4 +47,8 @@ class FarmConfig:
     encoders: PoolConfig = field(default_factory=PoolConfig)
     denoisers: PoolConfig = field(default_factory=PoolConfig)
     decoders: PoolConfig = field(default_factory=PoolConfig)
+    # Started with the first upscale job.
+    upscalers: PoolConfig = field(default_factory=PoolConfig)
+    # Side of an upscale's UNet tile, in input pixels, unless a job names its own.
+    upscale_tile: int = 128
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -6,6 +6,13 @@ DEFAULT_PORT = 50051
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_SEED = 0
+# ... and StableDiffusionUpscalePipeline's.
+DEFAULT_UPSCALE_STEPS = 75
+DEFAULT_UPSCALE_GUIDANCE_SCALE = 9.0
+DEFAULT_NOISE_LEVEL = 20
+UPSCALE_FACTOR = 4
+# Upscale tiles align to the UNet's deepest downsampling (8 covers SD's x4 upscaler).
+TILE_MULTIPLE = 8
 
 # Seeds are torch.Generator seeds: any value in [0, 2**64) would do, but JSON
 # readers of the embedded spec (JavaScript among them) lose precision past 2**53.

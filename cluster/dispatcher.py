@@ -21,9 +21,9 @@ from renderfarm.cluster.constants import BATCHES_IN_FLIGHT_PER_DENOISER, REPLICA
 from renderfarm.cluster.jobs import JobRecord
 from renderfarm.actors.tiles import plan_tiles
 from renderfarm.cluster.model_info import model_info
-from renderfarm.cluster.planner import Decode, Sweep, batches
+from renderfarm.cluster.planner import Decode, Sweep, Upscale, batches
 from renderfarm.cluster.results import LocalResultStore
-from renderfarm.spec import ImageSpec
+from renderfarm.spec import ImageSpec, UpscaledImageSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Dispatcher:
         self._encoders = Pool(stages.TextEncoder, config.encoders, cache)
         self._denoisers = Pool(stages.Denoiser, config.denoisers, cache)
         self._decoders = Pool(stages.Decoder, config.decoders, cache)
+        self._upscalers: Pool | None = None  # started by the first upscale job
         # Shared by all jobs: batches beyond this wait before being dispatched.
         self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT_PER_DENOISER * config.denoisers.replicas)
 
@@ -69,8 +70,9 @@ class Dispatcher:
             ) from None
 
     def shutdown(self) -> None:
-        for pool in (self._encoders, self._denoisers, self._decoders):
-            pool.kill()
+        for pool in (self._encoders, self._denoisers, self._decoders, self._upscalers):
+            if pool is not None:
+                pool.kill()
 
     async def run(self, job: JobRecord) -> None:
         """Renders every image of the job; ends it SUCCEEDED, FAILED or CANCELLED."""
@@ -78,6 +80,8 @@ class Dispatcher:
         try:
             if isinstance(job.work, Decode):
                 await self._decode(job, job.work)
+            elif isinstance(job.work, Upscale):
+                await self._upscale(job, job.work)
             else:
                 await self._sweep(job, job.work)
         except Exception as error:  # a failed batch fails its job, never the farm
@@ -110,6 +114,37 @@ class Dispatcher:
             latents = ray.put(decode.latents)
             png = await self._tiled_decode(decode.spec.model, latents, 0, decode.spec, decode.core, decode.halo)
             await self._store_result(job, decode.spec, png)
+
+    async def _upscale(self, job: JobRecord, upscale: Upscale) -> None:
+        if self._upscalers is None:
+            self._upscalers = Pool(stages.Upscaler, self._config.upscalers, str(self._config.model_cache_dir))
+        tasks = [asyncio.create_task(self._upscale_one(job, image, spec)) for image, spec in zip(upscale.images, upscale.specs)]
+        try:
+            await asyncio.gather(*tasks)
+        except Exception:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def _upscale_one(self, job: JobRecord, image: bytes, spec: UpscaledImageSpec) -> None:
+        async with self._slots:
+            if job.cancel_requested:
+                return
+            embeds = [self._encoders.next().encode.remote(spec.model, spec.prompt)]
+            if spec.guidance_scale > 1:
+                embeds.append(self._encoders.next().encode.remote(spec.model, spec.negative_prompt))
+            latents = self._upscalers.next().upscale.remote(spec.model, image, spec, *embeds)
+            png = await self._decode_latents(spec.model, latents, spec)
+            await self._store_result(job, spec, png)
+
+    async def _decode_latents(self, model: str, latents, spec) -> bytes:
+        """One image's PNG: in tiles over the VAE pool if it is large, else in one piece."""
+        if spec.width * spec.height > self._config.tiled_decode_above_pixels:
+            info = model_info(model, self._config.model_cache_dir)
+            core = self._config.decode_tile // info.vae_scale_factor
+            return await self._tiled_decode(model, latents, 0, spec, core, info.decode_halo)
+        (png,) = await self._decoders.next().decode.remote(model, latents, [spec])
+        return png
 
     async def _store_result(self, job: JobRecord, spec, png: bytes) -> None:
         name = await asyncio.to_thread(self._store.write, job.id, spec, png)

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from renderfarm._wire import JobState
-from renderfarm.cluster.planner import Decode, Sweep
-from renderfarm.spec import DecodedImageSpec, ImageSpec
+from renderfarm.cluster.planner import Work
+from renderfarm.spec import AnySpec, DecodedImageSpec, UpscaledImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 STATE_TO_PB = {
@@ -27,14 +27,16 @@ STATE_TO_PB = {
 }
 
 
-def result_to_pb(spec: ImageSpec | DecodedImageSpec, name: str) -> pb.ImageResult:
+def result_to_pb(spec: AnySpec, name: str) -> pb.ImageResult:
     if isinstance(spec, DecodedImageSpec):
         return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name)
+    if isinstance(spec, UpscaledImageSpec):
+        return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**vars(spec)), name=name)
     return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name)
 
 
 class JobRecord:
-    def __init__(self, job_id: str, request: pb.SubmitJobRequest, work: Sweep | Decode):
+    def __init__(self, job_id: str, request: pb.SubmitJobRequest, work: Work):
         self.id = job_id
         self.request = request
         self.work = work
@@ -58,7 +60,7 @@ class JobRecord:
         self.state = JobState.RUNNING
         self._append(state=STATE_TO_PB[JobState.RUNNING])
 
-    def add_result(self, spec: ImageSpec | DecodedImageSpec, name: str) -> None:
+    def add_result(self, spec: AnySpec, name: str) -> None:
         self.completed += 1
         self._append(result=result_to_pb(spec, name))
         self._append(progress=pb.Progress(completed=self.completed, total=self.total))
@@ -76,11 +78,13 @@ class JobRecord:
             error=self.error,
             created_at=self.created_at,
         )
-        if self.request.HasField("sweep"):
-            job.sweep.CopyFrom(self.request.sweep)
-        else:
-            job.decode.CopyFrom(self.request.decode)
-            job.decode.ClearField("latents_npy")  # megabytes that a status call does not need
+        kind = self.request.WhichOneof("kind")
+        getattr(job, kind).CopyFrom(getattr(self.request, kind))
+        # Inputs can be megabytes that a status call does not need.
+        if kind == "decode":
+            job.decode.ClearField("latents_npy")
+        elif kind == "upscale":
+            job.upscale.ClearField("images")
         return job
 
     async def follow(self, after_seq: int) -> AsyncIterator[pb.JobEvent]:
@@ -101,7 +105,7 @@ class JobStore:
         self._jobs: dict[str, JobRecord] = {}
         self._by_request_id: dict[str, str] = {}
 
-    def create(self, request: pb.SubmitJobRequest, work: Sweep | Decode) -> JobRecord:
+    def create(self, request: pb.SubmitJobRequest, work: Work) -> JobRecord:
         job = JobRecord(uuid.uuid4().hex[:16], request, work)
         self._jobs[job.id] = job
         if request.request_id:

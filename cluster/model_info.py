@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -20,6 +21,9 @@ class ModelInfo:
     latent_channels: int
     decode_segments: int
     decode_halo: int  # latent pixels that make a tiled decode exact
+    # An x4 upscaler's UNet also takes the low-resolution image; its pipeline caps the noise level.
+    is_upscaler: bool
+    max_noise_level: int
 
 
 @cache
@@ -33,6 +37,8 @@ def model_info(model: str, model_cache_dir: Path) -> ModelInfo:
     class_name = scheduler_class_name(model_dir)
     names = [name for name, cls in SCHEDULER_CLASSES.items() if cls.__name__ == class_name]
     vae = read_config(model_dir, "vae")
+    unet = read_config(model_dir, "unet")
+    pipeline = json.loads((model_dir / "model_index.json").read_text())
     up_blocks, resnets = len(vae["block_out_channels"]), vae["layers_per_block"] + 1
     return ModelInfo(
         width=width,
@@ -42,4 +48,6 @@ def model_info(model: str, model_cache_dir: Path) -> ModelInfo:
         latent_channels=vae["latent_channels"],
         decode_segments=segment_count(up_blocks, resnets),
         decode_halo=exact_halo(up_blocks, resnets),
+        is_upscaler=unet["in_channels"] > vae["latent_channels"],
+        max_noise_level=pipeline.get("max_noise_level", 0),
     )

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from renderfarm.spec import DecodedImageSpec, ImageSpec
+from renderfarm.spec import DecodedImageSpec, ImageSpec, UpscaledImageSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,21 @@ class Decode:
     core: int
     halo: int
     total: int = 1
+
+
+@dataclass(frozen=True)
+class Upscale:
+    """A validated upscale job: one work item per input image."""
+
+    images: tuple[bytes, ...]
+    specs: tuple[UpscaledImageSpec, ...]
+
+    @property
+    def total(self) -> int:
+        return len(self.images)
+
+
+Work = Sweep | Decode | Upscale
 
 
 def batch_key(spec: ImageSpec) -> tuple:

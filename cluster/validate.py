@@ -11,19 +11,25 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import PIL.Image
 
 from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.constants import (
     DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NOISE_LEVEL,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    DEFAULT_UPSCALE_GUIDANCE_SCALE,
+    DEFAULT_UPSCALE_STEPS,
     MAX_SEED,
     SIZE_MULTIPLE,
+    TILE_MULTIPLE,
+    UPSCALE_FACTOR,
 )
 from renderfarm.cluster.model_info import ModelInfo
-from renderfarm.cluster.planner import Decode, Sweep
+from renderfarm.cluster.planner import Decode, Sweep, Upscale
 from renderfarm.errors import InvalidJobError
-from renderfarm.spec import SCHEDULER_LABELS, DecodedImageSpec
+from renderfarm.spec import SCHEDULER_LABELS, DecodedImageSpec, UpscaledImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 
@@ -41,7 +47,9 @@ def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: Model
         return validate_sweep(request.sweep, config.limits, model_info)
     if kind == "decode":
         return validate_decode(request.decode, config, model_info)
-    raise invalid("kind", "the request names no job (set sweep or decode)")
+    if kind == "upscale":
+        return validate_upscale(request.upscale, config, model_info)
+    raise invalid("kind", "the request names no job (set sweep, decode or upscale)")
 
 
 def _model(field: str, model: str, model_info: ModelLookup) -> ModelInfo:
@@ -142,6 +150,59 @@ def validate_decode(decode: pb.DecodeSpec, config: FarmConfig, model_info: Model
         overlap=overlap,
     )
     return Decode(latents=latents, spec=spec, core=tile // scale, halo=overlap // scale)
+
+
+def validate_upscale(upscale: pb.UpscaleSpec, config: FarmConfig, model_info: ModelLookup) -> Upscale:
+    limits = config.limits
+    if not upscale.images:
+        raise invalid("upscale.images", "must hold at least one image")
+    if len(upscale.images) > limits.max_images_per_job:
+        raise invalid("upscale.images", f"{len(upscale.images)} images is over the limit of {limits.max_images_per_job}")
+    _text("upscale.prompt", upscale.prompt, limits)
+    _text("upscale.negative_prompt", upscale.negative_prompt, limits)
+    steps = upscale.steps if upscale.HasField("steps") else DEFAULT_UPSCALE_STEPS
+    if not 1 <= steps <= limits.max_steps:
+        raise invalid("upscale.steps", f"must be in [1, {limits.max_steps}] (got {steps})")
+    guidance = upscale.guidance_scale if upscale.HasField("guidance_scale") else DEFAULT_UPSCALE_GUIDANCE_SCALE
+    if not math.isfinite(guidance) or guidance < 0:
+        raise invalid("upscale.guidance_scale", f"must be a finite number >= 0 (got {guidance})")
+    if not 0 <= upscale.seed <= MAX_SEED:
+        raise invalid("upscale.seed", f"must be in [0, {MAX_SEED}] (got {upscale.seed})")
+    info = _model("upscale.model", upscale.model, model_info)
+    if not info.is_upscaler:
+        raise invalid("upscale.model", f"{upscale.model} is not an x4 upscaler (its UNet takes no low-resolution image)")
+    noise_level = upscale.noise_level if upscale.HasField("noise_level") else DEFAULT_NOISE_LEVEL
+    if not 0 <= noise_level <= info.max_noise_level:
+        raise invalid("upscale.noise_level", f"must be in [0, {info.max_noise_level}] (got {noise_level})")
+    tile = upscale.tile or config.upscale_tile
+    if not TILE_MULTIPLE <= tile <= limits.max_side or tile % TILE_MULTIPLE:
+        raise invalid("upscale.tile", f"must be a multiple of {TILE_MULTIPLE} up to {limits.max_side} (got {tile})")
+    specs = []
+    for i, data in enumerate(upscale.images):
+        width, height = _image_size(f"upscale.images[{i}]", data)
+        # The pipeline rounds the input down to multiples of the VAE's scale factor.
+        width, height = width // info.vae_scale_factor * info.vae_scale_factor, height // info.vae_scale_factor * info.vae_scale_factor
+        if min(width, height) < TILE_MULTIPLE or max(width, height) * UPSCALE_FACTOR > limits.max_side:
+            raise invalid(
+                f"upscale.images[{i}]",
+                f"upscales to {width * UPSCALE_FACTOR}x{height * UPSCALE_FACTOR}; each side must be "
+                f"{TILE_MULTIPLE * UPSCALE_FACTOR} to {limits.max_side} pixels",
+            )
+        specs.append(UpscaledImageSpec(
+            model=upscale.model, source_sha256=hashlib.sha256(data).hexdigest(), prompt=upscale.prompt,
+            negative_prompt=upscale.negative_prompt, noise_level=noise_level, steps=steps, guidance_scale=guidance,
+            seed=upscale.seed, width=width * UPSCALE_FACTOR, height=height * UPSCALE_FACTOR, tile=tile,
+        ))  # fmt: skip
+    return Upscale(images=tuple(upscale.images), specs=tuple(specs))
+
+
+def _image_size(field: str, data: bytes) -> tuple[int, int]:
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            return image.size
+    except Exception as error:  # Pillow raises many types for a malformed image
+        raise invalid(field, f"is not an image Pillow can read ({error})") from None
 
 
 def _prompts(sweep: pb.SweepSpec, limits: LimitsConfig) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from renderfarm.errors import (
     JobNotFoundError,
     RenderfarmError,
 )
-from renderfarm.spec import DecodedImageSpec, ImageSpec
+from renderfarm.spec import AnySpec, DecodedImageSpec, ImageSpec, UpscaledImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 
@@ -64,7 +64,7 @@ class JobStatus:
 class Result:
     """One finished image: the PNG as the farm stored it, and its spec."""
 
-    spec: ImageSpec | DecodedImageSpec
+    spec: AnySpec
     name: str
     png: bytes
 
@@ -140,6 +140,34 @@ def decode_request(latents, *, model: str, tile: int | None, overlap: int | None
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, decode=decode)
 
 
+def upscale_request(
+    images, *, prompt, negative_prompt, noise_level, steps, guidance_scale, seed, model, tile, request_id
+) -> pb.SubmitJobRequest:
+    """`images`: PIL images, paths or encoded bytes, one or a list."""
+    upscale = pb.UpscaleSpec(
+        model=model,
+        images=[_image_bytes(image) for image in axis(images, "images")],
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        tile=tile or 0,
+    )
+    for field, value in (("noise_level", noise_level), ("steps", steps), ("guidance_scale", guidance_scale)):
+        if value is not None:
+            setattr(upscale, field, value)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, upscale=upscale)
+
+
+def _image_bytes(image) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def job_status(job: pb.Job) -> JobStatus:
     return JobStatus(
         id=job.id,
@@ -152,25 +180,22 @@ def job_status(job: pb.Job) -> JobStatus:
 
 
 def image_spec(spec: pb.ImageSpec) -> ImageSpec:
-    return ImageSpec(
-        model=spec.model,
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        seed=spec.seed,
-        width=spec.width,
-        height=spec.height,
-        steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        scheduler=spec.scheduler,
-    )
+    return ImageSpec(**_fields(spec))
 
 
 def result(message: pb.ImageResult) -> Result:
-    if message.WhichOneof("kind") == "decoded":
-        d = message.decoded
-        spec = DecodedImageSpec(d.model, d.latents_sha256, d.width, d.height, d.tile, d.overlap)
-        return Result(spec=spec, name=message.name, png=message.png)
-    return Result(spec=image_spec(message.spec), name=message.name, png=message.png)
+    kind = message.WhichOneof("kind")
+    if kind == "decoded":
+        spec = DecodedImageSpec(**_fields(message.decoded))
+    elif kind == "upscaled":
+        spec = UpscaledImageSpec(**_fields(message.upscaled))
+    else:
+        spec = image_spec(message.spec)
+    return Result(spec=spec, name=message.name, png=message.png)
+
+
+def _fields(message) -> dict:
+    return {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields}
 
 
 def final_state(event: pb.JobEvent) -> JobState | None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from renderfarm._constants import DEFAULT_MODEL
+from renderfarm._constants import DEFAULT_MODEL, DEFAULT_UPSCALER
 from renderfarm.client import Client, Job
 from renderfarm._wire import JobState
 from renderfarm.errors import JobFailedError, RenderfarmError
@@ -53,6 +53,7 @@ def _add_farm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--encoders", type=int, default=1, help="text encoder replicas (default 1)")
     group.add_argument("--denoisers", type=int, default=1, help="denoiser replicas (default 1)")
     group.add_argument("--decoders", type=int, default=1, help="VAE decoder replicas (default 1)")
+    group.add_argument("--upscalers", type=int, default=1, help="x4 upscaler replicas (default 1)")
     group.add_argument("--max-batch", type=int, default=8, help="images per denoiser batch (default 8)")
     group.add_argument("--gpus-per-replica", type=float, default=0.0, help="num_gpus of each replica (default 0)")
     group.add_argument("--output-dir", type=Path, default=_data_home() / "output", help="the farm's result store")
@@ -76,6 +77,7 @@ def farm_config(args, *, host: str = "127.0.0.1", port: int = 0):
         encoders=pool(args.encoders),
         denoisers=pool(args.denoisers),
         decoders=pool(args.decoders),
+        upscalers=pool(args.upscalers),
     )
 
 
@@ -112,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--overlap", type=int, help="halo around each tile in pixels (default: exact)")
     decode.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
     _add_farm_options(decode)
+
+    upscale = commands.add_parser("upscale", help="upscale images 4x with a diffusion upscaler")
+    upscale.add_argument("images", type=Path, nargs="+", help="input images")
+    upscale.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
+    upscale.add_argument("--prompt", default="", help="what the image shows (default empty)")
+    upscale.add_argument("--negative", default="", help="the negative prompt")
+    upscale.add_argument("--noise-level", type=int, help="noise added to the input (default 20)")
+    upscale.add_argument("--steps", type=int, help="denoising steps (default 75)")
+    upscale.add_argument("--guidance", type=float, help="guidance scale (default 9)")
+    upscale.add_argument("--seed", type=int, default=0)
+    upscale.add_argument("--model", default=DEFAULT_UPSCALER, help=f"an x4 upscaler (default {DEFAULT_UPSCALER})")
+    upscale.add_argument("--tile", type=int, help="UNet tile side in input pixels (default 128)")
+    upscale.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    _add_farm_options(upscale)
 
     jobs = commands.add_parser("jobs", help="list the farm's jobs")
     jobs.add_argument("--address")
@@ -192,6 +208,23 @@ def _decode(args) -> int:
     return _on_farm(args, lambda client: client.decode(latents, model=args.model, tile=args.tile, overlap=args.overlap))
 
 
+def _upscale(args) -> int:
+    def submit(client: Client) -> Job:
+        return client.upscale(
+            args.images,
+            prompt=args.prompt,
+            negative_prompt=args.negative,
+            noise_level=args.noise_level,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            model=args.model,
+            tile=args.tile,
+        )
+
+    return _on_farm(args, submit)
+
+
 def _sweep(args) -> int:
     if args.prompts_file:
         prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
@@ -253,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "decode":
             return _decode(args)
+        if args.command == "upscale":
+            return _upscale(args)
         if args.command == "models":
             from renderfarm.actors.models import resolve_model
 

@@ -13,6 +13,7 @@ from renderfarm._constants import (
     CHANNEL_OPTIONS,
     DEFAULT_ADDRESS,
     DEFAULT_MODEL,
+    DEFAULT_UPSCALER,
     UNARY_TIMEOUT_S,
 )
 from renderfarm._wire import JobState, JobStatus, Result
@@ -93,6 +94,39 @@ class Client:
         (default: the decoder's full reach, which makes the result equal the one-piece decode).
         """
         request = _wire.decode_request(latents, model=model, tile=tile, overlap=overlap, request_id=request_id)
+        return Job(self, self._call(self._stub.SubmitJob, request).job)
+
+    def upscale(
+        self,
+        images,
+        *,
+        prompt: str = "",
+        negative_prompt: str = "",
+        noise_level: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        model: str = DEFAULT_UPSCALER,
+        tile: int | None = None,
+        request_id: str | None = None,
+    ) -> Job:
+        """Upscales each image (PIL image, path or encoded bytes) 4x; one result per image.
+
+        Unset parameters take StableDiffusionUpscalePipeline's defaults (noise level 20, 75 steps,
+        guidance 9). `tile` is the UNet's tile side in input pixels.
+        """
+        request = _wire.upscale_request(
+            images,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            noise_level=noise_level,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            model=model,
+            tile=tile,
+            request_id=request_id,
+        )
         return Job(self, self._call(self._stub.SubmitJob, request).job)
 
     def job(self, job_id: str) -> Job:

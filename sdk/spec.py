@@ -92,12 +92,49 @@ class DecodedImageSpec(_Spec):
         return f"Decoded latents {self.latents_sha256}, Size: {self.width}x{self.height}, Model: {self.model}"
 
 
-def spec_from_json(text: str) -> ImageSpec | DecodedImageSpec:
+@dataclass(frozen=True)
+class UpscaledImageSpec(_Spec):
+    """Everything an upscaled image is a function of: the source image (by hash) and the parameters."""
+
+    model: str
+    source_sha256: str
+    prompt: str
+    negative_prompt: str
+    noise_level: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    tile: int
+
+    def _name_stem(self) -> str:
+        return f"upscaled-{self.source_sha256[:12]}-{self.seed}"
+
+    def a1111_parameters(self) -> str:
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(
+            f"Steps: {self.steps}, CFG scale: {self.guidance_scale:g}, Seed: {self.seed}, "
+            f"Size: {self.width}x{self.height}, Noise level: {self.noise_level}, Model: {self.model}"
+        )
+        return "\n".join(lines)
+
+
+AnySpec = ImageSpec | DecodedImageSpec | UpscaledImageSpec
+
+
+def spec_from_json(text: str) -> AnySpec:
     fields = json.loads(text)
-    return DecodedImageSpec(**fields) if "latents_sha256" in fields else ImageSpec(**fields)
+    if "latents_sha256" in fields:
+        return DecodedImageSpec(**fields)
+    if "source_sha256" in fields:
+        return UpscaledImageSpec(**fields)
+    return ImageSpec(**fields)
 
 
-def encode_png(image: Image.Image, spec: ImageSpec | DecodedImageSpec) -> bytes:
+def encode_png(image: Image.Image, spec: AnySpec) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_itxt(PARAMETERS_CHUNK, spec.a1111_parameters())
     info.add_itxt(SPEC_CHUNK, spec.to_json())
@@ -106,7 +143,7 @@ def encode_png(image: Image.Image, spec: ImageSpec | DecodedImageSpec) -> bytes:
     return buffer.getvalue()
 
 
-def read_spec(png: str | Path | bytes) -> ImageSpec | DecodedImageSpec:
+def read_spec(png: str | Path | bytes) -> AnySpec:
     """The spec embedded in a result PNG (a path or the file's bytes)."""
     source = io.BytesIO(png) if isinstance(png, bytes) else png
     with Image.open(source) as image:
@@ -116,6 +153,6 @@ def read_spec(png: str | Path | bytes) -> ImageSpec | DecodedImageSpec:
     return spec_from_json(text)
 
 
-def manifest_line(name: str, spec: ImageSpec | DecodedImageSpec) -> str:
+def manifest_line(name: str, spec: AnySpec) -> str:
     """One manifest.jsonl line: the file name and its spec."""
     return json.dumps({"file": name, "spec": asdict(spec)}, sort_keys=True, ensure_ascii=False) + "\n"

@@ -15,7 +15,8 @@ def model_info(model: str) -> ModelInfo:
     if model != "builtin:tiny-sd":
         raise ValueError(f"unknown model {model!r}")
     return ModelInfo(
-        width=128, height=128, scheduler="pndm", vae_scale_factor=8, latent_channels=4, decode_segments=17, decode_halo=9
+        width=128, height=128, scheduler="pndm", vae_scale_factor=8, latent_channels=4, decode_segments=17, decode_halo=9,
+        is_upscaler=False, max_noise_level=0,
     )
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18renderfarm/v1/farm.proto\x12\rrenderfarm.v1\"%\n\x04Size\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"\xb3\x01\n\tSweepSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05seeds\x18\x04 \x03(\x03\x12\x17\n\x0fguidance_scales\x18\x05 \x03(\x01\x12\r\n\x05steps\x18\x06 \x03(\x05\x12\"\n\x05sizes\x18\x07 \x03(\x0b\x32\x13.renderfarm.v1.Size\x12\x12\n\nschedulers\x18\x08 \x03(\t\"\xaa\x01\n\tImageSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x08 \x01(\x01\x12\x11\n\tscheduler\x18\t \x01(\t\"O\n\nDecodeSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blatents_npy\x18\x02 \x01(\x0c\x12\x0c\n\x04tile\x18\x03 \x01(\x05\x12\x0f\n\x07overlap\x18\x04 \x01(\x05\"w\n\x10\x44\x65\x63odedImageSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0elatents_sha256\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04tile\x18\x05 \x01(\x05\x12\x0f\n\x07overlap\x18\x06 \x01(\x05\"\xde\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.renderfarm.v1.JobState\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12)\n\x05sweep\x18\x07 \x01(\x0b\x32\x18.renderfarm.v1.SweepSpecH\x00\x12+\n\x06\x64\x65\x63ode\x18\x08 \x01(\x0b\x32\x19.renderfarm.v1.DecodeSpecH\x00\x42\x06\n\x04kind\"\x86\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05sweep\x18\x02 \x01(\x0b\x32\x18.renderfarm.v1.SweepSpecH\x00\x12+\n\x06\x64\x65\x63ode\x18\x03 \x01(\x0b\x32\x19.renderfarm.v1.DecodeSpecH\x00\x42\x06\n\x04kind\"4\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.renderfarm.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.renderfarm.v1.Job\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.renderfarm.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.renderfarm.v1.Job\"P\n\x16StreamJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x13\n\x0bomit_images\x18\x03 \x01(\x08\"\x8e\x01\n\x0bImageResult\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x18.renderfarm.v1.ImageSpecH\x00\x12\x32\n\x07\x64\x65\x63oded\x18\x04 \x01(\x0b\x32\x1f.renderfarm.v1.DecodedImageSpecH\x00\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03png\x18\x03 \x01(\x0c\x42\x06\n\x04kind\",\n\x08Progress\x12\x11\n\tcompleted\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\"\xc3\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x17.renderfarm.v1.JobStateH\x00\x12+\n\x08progress\x18\x04 \x01(\x0b\x32\x17.renderfarm.v1.ProgressH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.renderfarm.v1.ImageResultH\x00\x12\r\n\x05\x65rror\x18\x06 \x01(\tB\x06\n\x04kind*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x95\x03\n\nRenderFarm\x12N\n\tSubmitJob\x12\x1f.renderfarm.v1.SubmitJobRequest\x1a .renderfarm.v1.SubmitJobResponse\x12\x45\n\x06GetJob\x12\x1c.renderfarm.v1.GetJobRequest\x1a\x1d.renderfarm.v1.GetJobResponse\x12K\n\x08ListJobs\x12\x1e.renderfarm.v1.ListJobsRequest\x1a\x1f.renderfarm.v1.ListJobsResponse\x12N\n\tCancelJob\x12\x1f.renderfarm.v1.CancelJobRequest\x1a .renderfarm.v1.CancelJobResponse\x12S\n\x0fStreamJobEvents\x12%.renderfarm.v1.StreamJobEventsRequest\x1a\x17.renderfarm.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18renderfarm/v1/farm.proto\x12\rrenderfarm.v1\"%\n\x04Size\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"\xb3\x01\n\tSweepSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05seeds\x18\x04 \x03(\x03\x12\x17\n\x0fguidance_scales\x18\x05 \x03(\x01\x12\r\n\x05steps\x18\x06 \x03(\x05\x12\"\n\x05sizes\x18\x07 \x03(\x0b\x32\x13.renderfarm.v1.Size\x12\x12\n\nschedulers\x18\x08 \x03(\t\"\xaa\x01\n\tImageSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x08 \x01(\x01\x12\x11\n\tscheduler\x18\t \x01(\t\"O\n\nDecodeSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blatents_npy\x18\x02 \x01(\x0c\x12\x0c\n\x04tile\x18\x03 \x01(\x05\x12\x0f\n\x07overlap\x18\x04 \x01(\x05\"w\n\x10\x44\x65\x63odedImageSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0elatents_sha256\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04tile\x18\x05 \x01(\x05\x12\x0f\n\x07overlap\x18\x06 \x01(\x05\"\xe9\x01\n\x0bUpscaleSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x18\n\x0bnoise_level\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x0c\n\x04tile\x18\t \x01(\x05\x42\x0e\n\x0c_noise_levelB\x08\n\x06_stepsB\x11\n\x0f_guidance_scale\"\xd9\x01\n\x11UpscaledImageSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsource_sha256\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x13\n\x0bnoise_level\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\r\n\x05width\x18\t \x01(\x05\x12\x0e\n\x06height\x18\n \x01(\x05\x12\x0c\n\x04tile\x18\x0b \x01(\x05\"\x8d\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.renderfarm.v1.JobState\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12)\n\x05sweep\x18\x07 \x01(\x0b\x32\x18.renderfarm.v1.SweepSpecH\x00\x12+\n\x06\x64\x65\x63ode\x18\x08 \x01(\x0b\x32\x19.renderfarm.v1.DecodeSpecH\x00\x12-\n\x07upscale\x18\t \x01(\x0b\x32\x1a.renderfarm.v1.UpscaleSpecH\x00\x42\x06\n\x04kind\"\xb5\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05sweep\x18\x02 \x01(\x0b\x32\x18.renderfarm.v1.SweepSpecH\x00\x12+\n\x06\x64\x65\x63ode\x18\x03 \x01(\x0b\x32\x19.renderfarm.v1.DecodeSpecH\x00\x12-\n\x07upscale\x18\x04 \x01(\x0b\x32\x1a.renderfarm.v1.UpscaleSpecH\x00\x42\x06\n\x04kind\"4\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.renderfarm.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.renderfarm.v1.Job\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.renderfarm.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.renderfarm.v1.Job\"P\n\x16StreamJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x13\n\x0bomit_images\x18\x03 \x01(\x08\"\xc4\x01\n\x0bImageResult\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x18.renderfarm.v1.ImageSpecH\x00\x12\x32\n\x07\x64\x65\x63oded\x18\x04 \x01(\x0b\x32\x1f.renderfarm.v1.DecodedImageSpecH\x00\x12\x34\n\x08upscaled\x18\x05 \x01(\x0b\x32 .renderfarm.v1.UpscaledImageSpecH\x00\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03png\x18\x03 \x01(\x0c\x42\x06\n\x04kind\",\n\x08Progress\x12\x11\n\tcompleted\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\"\xc3\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x17.renderfarm.v1.JobStateH\x00\x12+\n\x08progress\x18\x04 \x01(\x0b\x32\x17.renderfarm.v1.ProgressH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.renderfarm.v1.ImageResultH\x00\x12\r\n\x05\x65rror\x18\x06 \x01(\tB\x06\n\x04kind*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x95\x03\n\nRenderFarm\x12N\n\tSubmitJob\x12\x1f.renderfarm.v1.SubmitJobRequest\x1a .renderfarm.v1.SubmitJobResponse\x12\x45\n\x06GetJob\x12\x1c.renderfarm.v1.GetJobRequest\x1a\x1d.renderfarm.v1.GetJobResponse\x12K\n\x08ListJobs\x12\x1e.renderfarm.v1.ListJobsRequest\x1a\x1f.renderfarm.v1.ListJobsResponse\x12N\n\tCancelJob\x12\x1f.renderfarm.v1.CancelJobRequest\x1a .renderfarm.v1.CancelJobResponse\x12S\n\x0fStreamJobEvents\x12%.renderfarm.v1.StreamJobEventsRequest\x1a\x17.renderfarm.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'renderfarm.v1.farm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1774
-  _globals['_JOBSTATE']._serialized_end=1928
+  _globals['_JOBSTATE']._serialized_start=2378
+  _globals['_JOBSTATE']._serialized_end=2532
   _globals['_SIZE']._serialized_start=43
   _globals['_SIZE']._serialized_end=80
   _globals['_SWEEPSPEC']._serialized_start=83
@@ -43,32 +43,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODESPEC']._serialized_end=516
   _globals['_DECODEDIMAGESPEC']._serialized_start=518
   _globals['_DECODEDIMAGESPEC']._serialized_end=637
-  _globals['_JOB']._serialized_start=640
-  _globals['_JOB']._serialized_end=862
-  _globals['_SUBMITJOBREQUEST']._serialized_start=865
-  _globals['_SUBMITJOBREQUEST']._serialized_end=999
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1001
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1053
-  _globals['_GETJOBREQUEST']._serialized_start=1055
-  _globals['_GETJOBREQUEST']._serialized_end=1086
-  _globals['_GETJOBRESPONSE']._serialized_start=1088
-  _globals['_GETJOBRESPONSE']._serialized_end=1137
-  _globals['_LISTJOBSREQUEST']._serialized_start=1139
-  _globals['_LISTJOBSREQUEST']._serialized_end=1156
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1158
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1210
-  _globals['_CANCELJOBREQUEST']._serialized_start=1212
-  _globals['_CANCELJOBREQUEST']._serialized_end=1246
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1248
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1300
-  _globals['_STREAMJOBEVENTSREQUEST']._serialized_start=1302
-  _globals['_STREAMJOBEVENTSREQUEST']._serialized_end=1382
-  _globals['_IMAGERESULT']._serialized_start=1385
-  _globals['_IMAGERESULT']._serialized_end=1527
-  _globals['_PROGRESS']._serialized_start=1529
-  _globals['_PROGRESS']._serialized_end=1573
-  _globals['_JOBEVENT']._serialized_start=1576
-  _globals['_JOBEVENT']._serialized_end=1771
-  _globals['_RENDERFARM']._serialized_start=1931
-  _globals['_RENDERFARM']._serialized_end=2336
+  _globals['_UPSCALESPEC']._serialized_start=640
+  _globals['_UPSCALESPEC']._serialized_end=873
+  _globals['_UPSCALEDIMAGESPEC']._serialized_start=876
+  _globals['_UPSCALEDIMAGESPEC']._serialized_end=1093
+  _globals['_JOB']._serialized_start=1096
+  _globals['_JOB']._serialized_end=1365
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1368
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1549
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1551
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1603
+  _globals['_GETJOBREQUEST']._serialized_start=1605
+  _globals['_GETJOBREQUEST']._serialized_end=1636
+  _globals['_GETJOBRESPONSE']._serialized_start=1638
+  _globals['_GETJOBRESPONSE']._serialized_end=1687
+  _globals['_LISTJOBSREQUEST']._serialized_start=1689
+  _globals['_LISTJOBSREQUEST']._serialized_end=1706
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1708
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1760
+  _globals['_CANCELJOBREQUEST']._serialized_start=1762
+  _globals['_CANCELJOBREQUEST']._serialized_end=1796
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1798
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1850
+  _globals['_STREAMJOBEVENTSREQUEST']._serialized_start=1852
+  _globals['_STREAMJOBEVENTSREQUEST']._serialized_end=1932
+  _globals['_IMAGERESULT']._serialized_start=1935
+  _globals['_IMAGERESULT']._serialized_end=2131
+  _globals['_PROGRESS']._serialized_start=2133
+  _globals['_PROGRESS']._serialized_end=2177
+  _globals['_JOBEVENT']._serialized_start=2180
+  _globals['_JOBEVENT']._serialized_end=2375
+  _globals['_RENDERFARM']._serialized_start=2535
+  _globals['_RENDERFARM']._serialized_end=2940
 # @@protoc_insertion_point(module_scope)

@@ -100,8 +100,56 @@ class DecodedImageSpec(_message.Message):
     overlap: int
     def __init__(self, model: _Optional[str] = ..., latents_sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile: _Optional[int] = ..., overlap: _Optional[int] = ...) -> None: ...
 
+class UpscaleSpec(_message.Message):
+    __slots__ = ("model", "images", "prompt", "negative_prompt", "noise_level", "steps", "guidance_scale", "seed", "tile")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    prompt: str
+    negative_prompt: str
+    noise_level: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    tile: int
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., noise_level: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., tile: _Optional[int] = ...) -> None: ...
+
+class UpscaledImageSpec(_message.Message):
+    __slots__ = ("model", "source_sha256", "prompt", "negative_prompt", "noise_level", "steps", "guidance_scale", "seed", "width", "height", "tile")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    source_sha256: str
+    prompt: str
+    negative_prompt: str
+    noise_level: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    tile: int
+    def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., noise_level: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile: _Optional[int] = ...) -> None: ...
+
 class Job(_message.Message):
-    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode")
+    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +158,7 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     total: int
@@ -118,17 +167,20 @@ class Job(_message.Message):
     created_at: float
     sweep: SweepSpec
     decode: DecodeSpec
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ...) -> None: ...
+    upscale: UpscaleSpec
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("request_id", "sweep", "decode")
+    __slots__ = ("request_id", "sweep", "decode", "upscale")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sweep: SweepSpec
     decode: DecodeSpec
-    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ...) -> None: ...
+    upscale: UpscaleSpec
+    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -181,16 +233,18 @@ class StreamJobEventsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., omit_images: _Optional[bool] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("spec", "decoded", "name", "png")
+    __slots__ = ("spec", "decoded", "upscaled", "name", "png")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DECODED_FIELD_NUMBER: _ClassVar[int]
+    UPSCALED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     spec: ImageSpec
     decoded: DecodedImageSpec
+    upscaled: UpscaledImageSpec
     name: str
     png: bytes
-    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., decoded: _Optional[_Union[DecodedImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., decoded: _Optional[_Union[DecodedImageSpec, _Mapping]] = ..., upscaled: _Optional[_Union[UpscaledImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("completed", "total")

@@ -1,0 +1,89 @@
+"""4x upscaling jobs: parity with StableDiffusionUpscalePipeline, and tiles that do not show."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import renderfarm as rf
+from renderfarm.actors.models import resolve_model
+from renderfarm.cli import main as cli
+from renderfarm.spec import UpscaledImageSpec, read_spec
+
+from .conftest import pixels
+
+
+def low_res(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth test image: coarse noise resized up, like a real photo's low frequencies."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def upscale_reference(model_cache_dir):
+    from diffusers import StableDiffusionUpscalePipeline
+
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(resolve_model("builtin:tiny-sd-x4-upscaler", model_cache_dir))
+    pipe.set_progress_bar_config(disable=True)
+
+    def render(image: Image.Image, spec: UpscaledImageSpec) -> np.ndarray:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as a Ray replica runs
+        try:
+            result = pipe(
+                prompt=spec.prompt, image=image, num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
+                noise_level=spec.noise_level, negative_prompt=spec.negative_prompt or None,
+                generator=torch.Generator("cpu").manual_seed(spec.seed),
+            )  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
+        return np.asarray(result.images[0])
+
+    return render
+
+
+def test_one_tile_input_is_pixel_identical_to_diffusers(farm, upscale_reference):
+    images = [low_res(40, 32, seed=0), low_res(32, 48, seed=1)]
+    with rf.Client(farm.address) as client:
+        job = client.upscale(images, prompt="a red fox", negative_prompt="blurry", steps=4, seed=3)
+        results = {r.spec.source_sha256: r for r in job.results()}
+    assert len(results) == 2
+    for result in results.values():
+        source = next(i for i in images if i.size == (result.spec.width // 4, result.spec.height // 4))
+        assert result.image.size == (source.width * 4, source.height * 4)
+        assert np.array_equal(np.asarray(result.image), upscale_reference(source, result.spec))
+
+
+def test_tiled_upscale_is_close_to_one_piece_and_shows_no_seams(farm):
+    image = low_res(160, 128, seed=2)
+    with rf.Client(farm.address) as client:
+        (one_piece,) = client.upscale(image, prompt="a lighthouse", steps=8, tile=256).results()
+        (tiled,) = client.upscale(image, prompt="a lighthouse", steps=8, tile=64).results()
+    a, b = np.asarray(one_piece.image).astype(float), np.asarray(tiled.image).astype(float)
+    assert 10 * np.log10(255**2 / ((a - b) ** 2).mean()) >= 30
+    # Seams: the horizontal gradient across the 64-px tile grid's blend zones vs everywhere.
+    gradient = np.abs(np.diff(b, axis=1)).mean(axis=(0, 2))
+    borders = [x * 4 for x in (48, 80, 112)]  # where windows of 64 with stride 32 overlap, in output pixels
+    assert np.mean([gradient[x - 1 : x + 1].mean() for x in borders]) <= 1.1 * gradient.mean()
+
+
+def test_cli_upscale_writes_a_4x_png(farm, tmp_path):
+    low_res(48, 40).save(tmp_path / "in.png")
+    assert cli(["upscale", str(tmp_path / "in.png"), "--out", str(tmp_path / "out"), "--steps", "2",
+                "--address", farm.address]) == 0  # fmt: skip
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert pixels(png).shape == (160, 192, 3)
+    assert read_spec(png).noise_level == 20
+
+
+def test_bad_upscales_name_the_field(farm):
+    with rf.Client(farm.address) as client:
+        for kwargs, field in (
+            (dict(images=[b"not an image"]), "upscale.images[0]"),
+            (dict(images=[low_res(32, 32)], noise_level=351), "upscale.noise_level"),
+            (dict(images=[low_res(32, 32)], model="builtin:tiny-sd"), "upscale.model"),
+            (dict(images=[low_res(32, 32)], tile=12), "upscale.tile"),
+        ):
+            with pytest.raises(rf.InvalidJobError) as raised:
+                client.upscale(**kwargs)
+            assert raised.value.field == field
