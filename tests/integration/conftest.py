@@ -35,10 +35,13 @@ def start_farm(ray_session, farm_config):
     farms = {}
     with contextlib.ExitStack() as stack:
 
-        def start(denoisers: int = 1, decoders: int = 1, max_batch: int = 8, **config) -> EmbeddedFarm:
-            key = (denoisers, decoders, max_batch, tuple(sorted(config.items())))
+        def start(denoisers=1, decoders=1, upscalers=1, max_batch=8, **config) -> EmbeddedFarm:
+            key = (denoisers, decoders, upscalers, max_batch, tuple(sorted(config.items())))
             if key not in farms:
-                pools = dict(denoisers=PoolConfig(replicas=denoisers), decoders=PoolConfig(replicas=decoders))
+                pools = {
+                    name: PoolConfig(replicas=replicas)
+                    for name, replicas in (("denoisers", denoisers), ("decoders", decoders), ("upscalers", upscalers))
+                }
                 farms[key] = stack.enter_context(EmbeddedFarm(replace(farm_config, max_batch=max_batch, **pools, **config)))
             return farms[key]
 

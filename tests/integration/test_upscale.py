@@ -67,6 +67,17 @@ def test_tiled_upscale_is_close_to_one_piece_and_shows_no_seams(farm):
     assert np.mean([gradient[x - 1 : x + 1].mean() for x in borders]) <= 1.1 * gradient.mean()
 
 
+def test_replica_count_does_not_change_a_pixel(start_farm):
+    images = [low_res(32, 32, seed=s) for s in range(3)]
+    outputs = []
+    for upscalers in (1, 3):
+        with rf.Client(start_farm(upscalers=upscalers).address) as client:
+            results = client.upscale(images, steps=3, tile=16).results()
+            outputs.append({r.spec: np.asarray(r.image) for r in results})
+    assert outputs[0].keys() == outputs[1].keys() and len(outputs[0]) == 3
+    assert all(np.array_equal(outputs[0][spec], outputs[1][spec]) for spec in outputs[0])
+
+
 def test_cli_upscale_writes_a_4x_png(farm, tmp_path):
     low_res(48, 40).save(tmp_path / "in.png")
     assert cli(["upscale", str(tmp_path / "in.png"), "--out", str(tmp_path / "out"), "--steps", "2",
