@@ -1,6 +1,6 @@
 """Integration fixtures: one real local Ray instance per session, real farms on loopback."""
 
-import contextlib
+from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
@@ -29,27 +29,36 @@ def farm_config(tmp_path_factory, model_cache_dir) -> FarmConfig:
     )
 
 
+# Farms alive at once: each holds a few actor processes of ~0.5 GB, and CI has 24 GB.
+LIVE_FARMS = 2
+
+
 @pytest.fixture(scope="session")
 def start_farm(ray_session, farm_config):
-    """Starts farms that live to the end of the session: start_farm(denoisers=3, max_batch=1)."""
-    farms = {}
-    with contextlib.ExitStack() as stack:
+    """Starts (or reuses) a farm: start_farm(denoisers=3, max_batch=1). The least recently used is stopped."""
+    farms: OrderedDict[tuple, EmbeddedFarm] = OrderedDict()
 
-        def start(denoisers=1, decoders=1, upscalers=1, max_batch=8, **config) -> EmbeddedFarm:
-            key = (denoisers, decoders, upscalers, max_batch, tuple(sorted(config.items())))
-            if key not in farms:
-                pools = {
-                    name: PoolConfig(replicas=replicas)
-                    for name, replicas in (("denoisers", denoisers), ("decoders", decoders), ("upscalers", upscalers))
-                }
-                farms[key] = stack.enter_context(EmbeddedFarm(replace(farm_config, max_batch=max_batch, **pools, **config)))
-            return farms[key]
+    def start(denoisers=1, decoders=1, upscalers=1, max_batch=8, **config) -> EmbeddedFarm:
+        key = (denoisers, decoders, upscalers, max_batch, tuple(sorted(config.items())))
+        if key not in farms:
+            if len(farms) == LIVE_FARMS:
+                farms.popitem(last=False)[1].__exit__(None, None, None)
+            pools = {
+                name: PoolConfig(replicas=replicas)
+                for name, replicas in (("denoisers", denoisers), ("decoders", decoders), ("upscalers", upscalers))
+            }
+            farms[key] = EmbeddedFarm(replace(farm_config, max_batch=max_batch, **pools, **config)).__enter__()
+        farms.move_to_end(key)
+        return farms[key]
 
-        yield start
+    yield start
+    for farm in farms.values():
+        farm.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def farm(start_farm) -> EmbeddedFarm:
+    """The default farm (one replica per stage, max batch 8)."""
     return start_farm()
 
 

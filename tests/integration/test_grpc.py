@@ -11,7 +11,7 @@ from renderfarm.v1 import farm_pb2 as pb
 from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def stub(farm):
     with grpc.insecure_channel(farm.address, options=CHANNEL_OPTIONS) as channel:
         yield RenderFarmStub(channel)
