@@ -16,8 +16,8 @@ import ray
 import torch
 
 from renderfarm.actors import tiled_decode, txt2img, upscale_x4
-from renderfarm.actors.tiles import Tile
 from renderfarm.actors.models import resolve_model, silence_progress_bars
+from renderfarm.actors.tiles import Tile
 from renderfarm.spec import ImageSpec, encode_png
 
 # Models a replica keeps loaded at once; the least recently used is dropped first.

@@ -81,12 +81,7 @@ def denoise(
     shape = (len(batch.items), unet.config.in_channels, batch.height // vae_scale_factor, batch.width // vae_scale_factor)
     latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
-    step_parameters = inspect.signature(scheduler.step).parameters
-    step_kwargs = {}
-    if "eta" in step_parameters:
-        step_kwargs["eta"] = 0.0
-    if "generator" in step_parameters:
-        step_kwargs["generator"] = generators
+    step_kwargs = scheduler_step_kwargs(scheduler, generators)
     guidance = _guidance(batch, device, dtype)
 
     with torch.inference_mode():
@@ -99,6 +94,17 @@ def denoise(
                 noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+def scheduler_step_kwargs(scheduler, generator) -> dict:
+    """The pipelines' prepare_extra_step_kwargs: eta=0 and the generator, for the schedulers that take them."""
+    parameters = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in parameters:
+        kwargs["eta"] = 0.0
+    if "generator" in parameters:
+        kwargs["generator"] = generator
+    return kwargs
 
 
 def _guidance(batch: DenoiseBatch, device, dtype) -> float | torch.Tensor:

@@ -9,7 +9,6 @@ the text-to-image pipeline's, copied.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ from functools import partial
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from torch import nn
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 
 from renderfarm.actors import txt2img
 
@@ -87,12 +86,7 @@ def upscale_latents(
         shape = (1, latent_channels, image.shape[2], image.shape[3])
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
-        step_parameters = inspect.signature(scheduler.step).parameters
-        step_kwargs = {}
-        if "eta" in step_parameters:
-            step_kwargs["eta"] = 0.0
-        if "generator" in step_parameters:
-            step_kwargs["generator"] = generator
+        step_kwargs = txt2img.scheduler_step_kwargs(scheduler, generator)
 
         windows = tile_windows(image.shape[2], image.shape[3], tile, align=2 ** (len(unet.config.block_out_channels) - 1))
         for t in scheduler.timesteps:

@@ -15,11 +15,11 @@ import ray
 
 from renderfarm._wire import JobState
 from renderfarm.actors import stages
+from renderfarm.actors.tiles import plan_tiles
 from renderfarm.actors.txt2img import DenoiseBatch, DenoiseItem
 from renderfarm.cluster.config import FarmConfig, PoolConfig
 from renderfarm.cluster.constants import BATCHES_IN_FLIGHT_PER_DENOISER, REPLICAS_READY_TIMEOUT_S
 from renderfarm.cluster.jobs import JobRecord
-from renderfarm.actors.tiles import plan_tiles
 from renderfarm.cluster.model_info import model_info
 from renderfarm.cluster.planner import Decode, Sweep, Upscale, batches
 from renderfarm.cluster.results import LocalResultStore

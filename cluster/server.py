@@ -10,12 +10,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from renderfarm._constants import CHANNEL_OPTIONS, FIELD_METADATA_KEY
-from renderfarm._wire import JobState
 from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
-from renderfarm.cluster.results import LocalResultStore
 from renderfarm.cluster.model_info import ModelInfo, model_info
+from renderfarm.cluster.results import LocalResultStore
 from renderfarm.cluster.validate import validate
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb

@@ -32,7 +32,6 @@ from renderfarm.errors import InvalidJobError
 from renderfarm.spec import SCHEDULER_LABELS, DecodedImageSpec, UpscaledImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
-
 ModelLookup = Callable[[str], ModelInfo]
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from renderfarm._constants import DEFAULT_MODEL, DEFAULT_UPSCALER
-from renderfarm.client import Client, Job
 from renderfarm._wire import JobState
+from renderfarm.client import Client, Job
 from renderfarm.errors import JobFailedError, RenderfarmError
 from renderfarm.spec import MANIFEST, manifest_line
 
