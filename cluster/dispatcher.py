@@ -137,12 +137,18 @@ class Dispatcher:
             png = await self._decode_latents(spec.model, latents, spec)
             await self._store_result(job, spec, png)
 
-    async def _decode_latents(self, model: str, latents, spec) -> bytes:
-        """One image's PNG: in tiles over the VAE pool if it is large, else in one piece."""
-        if spec.width * spec.height > self._config.tiled_decode_above_pixels:
+    def _tiled(self, spec) -> bool:
+        return spec.width * spec.height > self._config.tiled_decode_above_pixels
+
+    async def _decode_latents(self, model: str, latents, spec, item: int = 0) -> bytes:
+        """One image's PNG: in tiles over the VAE pool if it is large, else in one piece.
+
+        A large image may be item `item` of a batch of latents; the one-piece path takes a batch of one.
+        """
+        if self._tiled(spec):
             info = model_info(model, self._config.model_cache_dir)
             core = self._config.decode_tile // info.vae_scale_factor
-            return await self._tiled_decode(model, latents, 0, spec, core, info.decode_halo)
+            return await self._tiled_decode(model, latents, item, spec, core, info.decode_halo)
         (png,) = await self._decoders.next().decode.remote(model, latents, [spec])
         return png
 
@@ -188,12 +194,9 @@ class Dispatcher:
         if denoise_batch.guided:
             embeds += [embedding(s.negative_prompt) for s in batch]
         latents = self._denoisers.next().denoise.remote(model, denoise_batch, *embeds)
-        if first.width * first.height > self._config.tiled_decode_above_pixels:
-            info = model_info(model, self._config.model_cache_dir)
-            core = self._config.decode_tile // info.vae_scale_factor
+        if self._tiled(first):
             for item, spec in enumerate(batch):
-                png = await self._tiled_decode(model, latents, item, spec, core, info.decode_halo)
-                await self._store_result(job, spec, png)
+                await self._store_result(job, spec, await self._decode_latents(model, latents, spec, item))
             return
         pngs = await self._decoders.next().decode.remote(model, latents, batch)
         for spec, png in zip(batch, pngs, strict=True):
