@@ -64,6 +64,7 @@ def main() -> None:
         config = FarmConfig(
             output_dir=Path(scratch) / "output",
             model_cache_dir=cache,
+            state_dir=Path(scratch) / "state",
             port=0,
             max_batch=args.max_batch,
             denoisers=PoolConfig(replicas=args.denoisers, num_gpus=1.0 if torch.cuda.is_available() else 0.0),

@@ -123,6 +123,7 @@ def main() -> None:
             return FarmConfig(
                 output_dir=Path(scratch) / "output",
                 model_cache_dir=Path(scratch) / "cache",
+                state_dir=Path(scratch) / f"state-{decoders}",
                 port=0,
                 decoders=PoolConfig(replicas=decoders),
                 limits=LimitsConfig(max_side=max(args.width, args.height, 4096)),

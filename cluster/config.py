@@ -26,6 +26,21 @@ class LimitsConfig:
     max_prompt_chars: int = 10_000
     max_prompts_per_job: int = 10_000
     max_steps: int = 1000
+    # Output pixels of one image (a sweep image, a decode, an upscale's 4x result).
+    max_pixels: int = 4096 * 4096
+    # Jobs queued or running at once; one more is refused with RESOURCE_EXHAUSTED.
+    max_concurrent_jobs: int = 64
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How a work item whose actor died or raised is retried before it fails its job."""
+
+    # Tries of one work item, the first included.
+    max_attempts: int = 4
+    # Delay before the first retry; it doubles with each retry, up to max_backoff_s.
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,8 @@ class FarmConfig:
     output_dir: Path
     # Where builtin models are materialised.
     model_cache_dir: Path
+    # The durable job store (SQLite, WAL): jobs, work items, results index, event log.
+    state_dir: Path
     host: str = "127.0.0.1"
     # 0 picks a free port.
     port: int = DEFAULT_PORT
@@ -52,3 +69,4 @@ class FarmConfig:
     # Side of an upscale's UNet tile, in input pixels, unless a job names its own.
     upscale_tile: int = 128
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)

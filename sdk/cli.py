@@ -58,6 +58,7 @@ def _add_farm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus-per-replica", type=float, default=0.0, help="num_gpus of each replica (default 0)")
     group.add_argument("--output-dir", type=Path, default=_data_home() / "output", help="the farm's result store")
     group.add_argument("--model-cache-dir", type=Path, default=_cache_home() / "models", help="builtin model cache")
+    group.add_argument("--state-dir", type=Path, default=_data_home() / "state", help="the durable job store")
     group.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
 
 
@@ -70,6 +71,7 @@ def farm_config(args, *, host: str = "127.0.0.1", port: int = 0):
     return FarmConfig(
         output_dir=args.output_dir,
         model_cache_dir=args.model_cache_dir,
+        state_dir=args.state_dir,
         host=host,
         port=port,
         ray_address=args.ray_address,

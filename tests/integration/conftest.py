@@ -25,7 +25,11 @@ def ray_session():
 @pytest.fixture(scope="session")
 def farm_config(tmp_path_factory, model_cache_dir) -> FarmConfig:
     return FarmConfig(
-        output_dir=tmp_path_factory.mktemp("output"), model_cache_dir=model_cache_dir, port=0, max_batch=8
+        output_dir=tmp_path_factory.mktemp("output"),
+        model_cache_dir=model_cache_dir,
+        state_dir=tmp_path_factory.mktemp("state"),
+        port=0,
+        max_batch=8,
     )
 
 
