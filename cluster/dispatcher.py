@@ -3,6 +3,11 @@
 Stages hand each other ObjectRefs: the scheduler passes embedding refs to a
 denoiser and the latents ref to a decoder, and only ever pulls the finished
 PNG bytes, which it stores at once.
+
+A work item (a sweep batch, a decode, an upscaled image) whose replica died or
+raised is run again, with backoff, up to the configured attempts; Ray restarts
+the dead replica. Items are pure functions of their specs, so a retried item
+gives the very same pixels, and the job store counts each result once.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 
 import ray
+import torch
 
 from renderfarm._wire import JobState
 from renderfarm.actors import stages
@@ -21,7 +28,7 @@ from renderfarm.cluster.config import FarmConfig, PoolConfig
 from renderfarm.cluster.constants import BATCHES_IN_FLIGHT_PER_DENOISER, REPLICAS_READY_TIMEOUT_S
 from renderfarm.cluster.jobs import JobRecord
 from renderfarm.cluster.model_info import model_info
-from renderfarm.cluster.planner import Decode, Sweep, Upscale, batches
+from renderfarm.cluster.planner import Decode, Sweep, Upscale, Work, batches
 from renderfarm.cluster.results import LocalResultStore
 from renderfarm.spec import ImageSpec, UpscaledImageSpec
 
@@ -32,7 +39,14 @@ class Pool:
     """A stage's replicas, called in turn."""
 
     def __init__(self, actor_class, config: PoolConfig, model_cache_dir: str):
-        options = dict(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+        options = dict(
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            # Ray restarts a replica whose process died, and the pool keeps its size; the
+            # dispatcher, not Ray, retries the work, so that it can count attempts.
+            max_restarts=-1,
+            max_task_retries=0,
+        )
         self.actors = [actor_class.options(**options).remote(model_cache_dir) for _ in range(config.replicas)]
         self._turn = itertools.cycle(self.actors)
 
@@ -58,6 +72,7 @@ class Dispatcher:
         self._upscalers: Pool | None = None  # started by the first upscale job
         # Shared by all jobs: batches beyond this wait before being dispatched.
         self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT_PER_DENOISER * config.denoisers.replicas)
+        self._stopping = False
 
     async def ready(self) -> None:
         pools = asyncio.gather(self._encoders.ready(), self._denoisers.ready(), self._decoders.ready())
@@ -74,29 +89,69 @@ class Dispatcher:
             if pool is not None:
                 pool.kill()
 
-    async def run(self, job: JobRecord) -> None:
-        """Renders every image of the job; ends it SUCCEEDED, FAILED or CANCELLED."""
-        job.set_running()
+    def stop_dispatching(self) -> None:
+        """No new work items start; those in flight finish. Unfinished jobs stay unfinished, to be resumed."""
+        self._stopping = True
+
+    def _dispatching(self, job: JobRecord) -> bool:
+        return not (job.cancel_requested or self._stopping)
+
+    async def run(self, job: JobRecord, work: Work) -> None:
+        """Renders every image of the job not yet in its results; ends it SUCCEEDED, FAILED or CANCELLED.
+
+        A job whose scheduler is stopping is left RUNNING in the job store, for the next one to resume.
+        """
+        if job.state != JobState.RUNNING:
+            job.set_running()
         try:
-            if isinstance(job.work, Decode):
-                await self._decode(job, job.work)
-            elif isinstance(job.work, Upscale):
-                await self._upscale(job, job.work)
+            if isinstance(work, Decode):
+                await self._decode(job, work)
+            elif isinstance(work, Upscale):
+                await self._upscale(job, work)
             else:
-                await self._sweep(job, job.work)
-        except Exception as error:  # a failed batch fails its job, never the farm
+                await self._sweep(job, work)
+        except Exception as error:  # a poison item fails its job, never the farm
             log.exception("job %s failed", job.id)
-            job.finish(JobState.FAILED, f"{type(error).__name__}: {error}")
+            job.finish(JobState.FAILED, str(error) if isinstance(error, ItemFailedError) else _describe(error))
             return
-        job.finish(JobState.CANCELLED if job.cancel_requested else JobState.SUCCEEDED)
+        if job.cancel_requested:
+            job.finish(JobState.CANCELLED)
+        elif not self._stopping or job.completed == job.total:
+            job.finish(JobState.SUCCEEDED)
+
+    async def _with_retries(
+        self, job: JobRecord, item: str, attempt: Callable[[int], Awaitable[None]], splittable: bool = False
+    ) -> None:
+        """Runs attempt(1), attempt(2), ... until one succeeds; backoff doubles between them.
+
+        A `splittable` batch that ran out of accelerator memory is not retried here: the caller splits it.
+        """
+        policy = self._config.retries
+        for number in range(1, policy.max_attempts + 1):
+            try:
+                return await attempt(number)
+            except ray.exceptions.RayError as error:
+                if splittable and out_of_memory(error):
+                    raise
+                if number == policy.max_attempts:
+                    raise ItemFailedError(f"{item} failed {number} times; the last error: {_describe(error)}") from error
+                delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** (number - 1))
+                log.warning("job %s: %s failed (attempt %d of %d), retrying in %.1f s: %s",
+                            job.id, item, number, policy.max_attempts, delay, _describe(error))  # fmt: skip
+                await asyncio.sleep(delay)
 
     async def _sweep(self, job: JobRecord, sweep: Sweep) -> None:
         embeddings: dict[str, ray.ObjectRef] = {}
         in_flight: set[asyncio.Task] = set()
         try:
+            # Batches are cut from the whole sweep, done items included, so a resumed job
+            # batches its remaining items exactly as a fault-free run did: batching can
+            # change pixels by 1/255. A partly done batch runs again whole.
             for batch in batches(sweep.specs(), self._config.max_batch):
+                if all(job.is_done(spec) for spec in batch):
+                    continue
                 await self._slots.acquire()
-                if job.cancel_requested:
+                if not self._dispatching(job):
                     self._slots.release()
                     break
                 task = asyncio.create_task(self._render(job, batch, embeddings))
@@ -110,10 +165,16 @@ class Dispatcher:
             raise
 
     async def _decode(self, job: JobRecord, decode: Decode) -> None:
-        async with self._slots:
-            latents = ray.put(decode.latents)
+        if job.is_done(decode.spec):
+            return
+        latents = ray.put(decode.latents)
+
+        async def attempt(_: int) -> None:
             png = await self._tiled_decode(decode.spec.model, latents, 0, decode.spec, decode.core, decode.halo)
             await self._store_result(job, decode.spec, png)
+
+        async with self._slots:
+            await self._with_retries(job, "the decode", attempt)
 
     async def _upscale(self, job: JobRecord, upscale: Upscale) -> None:
         if self._upscalers is None:
@@ -127,15 +188,19 @@ class Dispatcher:
             raise
 
     async def _upscale_one(self, job: JobRecord, image: bytes, spec: UpscaledImageSpec) -> None:
-        async with self._slots:
-            if job.cancel_requested:
-                return
+        async def attempt(_: int) -> None:
             embeds = [self._encoders.next().encode.remote(spec.model, spec.prompt)]
             if spec.guidance_scale > 1:
                 embeds.append(self._encoders.next().encode.remote(spec.model, spec.negative_prompt))
             latents = self._upscalers.next().upscale.remote(spec.model, image, spec, *embeds)
             png = await self._decode_latents(spec.model, latents, spec)
             await self._store_result(job, spec, png)
+
+        if job.is_done(spec):
+            return
+        async with self._slots:
+            if self._dispatching(job):
+                await self._with_retries(job, f"the upscale of {spec.source_sha256[:12]}", attempt)
 
     def _tiled(self, spec) -> bool:
         return spec.width * spec.height > self._config.tiled_decode_above_pixels
@@ -154,7 +219,8 @@ class Dispatcher:
 
     async def _store_result(self, job: JobRecord, spec, png: bytes) -> None:
         name = await asyncio.to_thread(self._store.write, job.id, spec, png)
-        job.add_result(spec, name)
+        if job.add_result(spec, name):
+            await asyncio.to_thread(self._store.add_to_manifest, job.id, name, spec)
 
     async def _tiled_decode(self, model: str, latents, item: int, spec, core: int, halo: int) -> bytes:
         """One image decoded in tiles spread over the VAE pool; each norm's statistics gathered between segments."""
@@ -176,6 +242,23 @@ class Dispatcher:
         return await self._decoders.next().tiled_assemble.remote(tiles, spec, *states)
 
     async def _render(self, job: JobRecord, batch: list[ImageSpec], embeddings: dict) -> None:
+        """One batch, retried; a batch that runs out of accelerator memory is split in halves first."""
+
+        async def attempt(number: int) -> None:
+            # A retry encodes its texts afresh: a cached ref may be what failed.
+            await self._render_once(job, batch, embeddings if number == 1 else {})
+
+        try:
+            item = f"the batch of {len(batch)} from {batch[0].file_name}"
+            await self._with_retries(job, item, attempt, splittable=len(batch) > 1)
+        except ray.exceptions.RayError as error:
+            if not out_of_memory(error):
+                raise
+            log.warning("job %s: a batch of %d ran out of memory; splitting it", job.id, len(batch))
+            middle = len(batch) // 2
+            await asyncio.gather(self._render(job, batch[:middle], {}), self._render(job, batch[middle:], {}))
+
+    async def _render_once(self, job: JobRecord, batch: list[ImageSpec], embeddings: dict) -> None:
         def embedding(text: str) -> ray.ObjectRef:
             # Each unique text of a job is encoded once; its ref serves every seed and setting.
             if text not in embeddings:
@@ -201,6 +284,22 @@ class Dispatcher:
         pngs = await self._decoders.next().decode.remote(model, latents, batch)
         for spec, png in zip(batch, pngs, strict=True):
             await self._store_result(job, spec, png)
+
+
+class ItemFailedError(Exception):
+    """A work item failed every attempt: it fails its job."""
+
+
+def out_of_memory(error: ray.exceptions.RayError) -> bool:
+    return isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, torch.OutOfMemoryError)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ray.exceptions.RayTaskError):
+        error = error.cause  # the replica's own exception, without Ray's traceback dump
+    if isinstance(error, ray.exceptions.RayActorError):
+        return "the replica's process died"
+    return f"{type(error).__name__}: {error}"
 
 
 async def _reap(tasks: set[asyncio.Task]) -> set[asyncio.Task]:

@@ -1,21 +1,29 @@
-"""Jobs and their event logs, held by the scheduler.
+"""Jobs, their results index and their event logs, kept durable in SQLite (WAL) under the state dir.
 
 Each job has an append-only log of events numbered 1, 2, 3, ...; a stream
-replays the log after a sequence number and then follows it. Result events
-keep the spec and the file name only: image bytes live in the result store,
-never here (DESIGN.md invariant 4).
+replays the log after a sequence number and then follows it, across scheduler
+restarts. Result events keep the spec and the file name only: image bytes live
+in the result store, never here (DESIGN.md invariant 4).
+
+A result is recorded in one transaction with its events, keyed by its file name
+(a function of its spec): an item that is retried, or redone after a restart,
+finds its row and counts nothing twice. The results index is also the record of
+which work items are finished, so a resumed job skips them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict
+from pathlib import Path
 
 from renderfarm._wire import JobState
-from renderfarm.cluster.planner import Work
-from renderfarm.spec import AnySpec, DecodedImageSpec, UpscaledImageSpec
+from renderfarm.spec import AnySpec, DecodedImageSpec, UpscaledImageSpec, spec_from_json
 from renderfarm.v1 import farm_pb2 as pb
 
 STATE_TO_PB = {
@@ -26,6 +34,37 @@ STATE_TO_PB = {
     JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 
+DATABASE = "jobs.sqlite3"
+# Events a stream reads from the database at a time.
+EVENTS_PER_READ = 256
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    request_id TEXT UNIQUE,
+    request BLOB NOT NULL,
+    state TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    completed INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    cancel_requested INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    seq INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
 
 def result_to_pb(spec: AnySpec, name: str) -> pb.ImageResult:
     if isinstance(spec, DecodedImageSpec):
@@ -35,39 +74,102 @@ def result_to_pb(spec: AnySpec, name: str) -> pb.ImageResult:
     return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name)
 
 
+def _summary(request: pb.SubmitJobRequest) -> pb.SubmitJobRequest:
+    """The request without its inputs, which can be megabytes that a status call does not need."""
+    summary = pb.SubmitJobRequest()
+    summary.CopyFrom(request)
+    kind = summary.WhichOneof("kind")
+    if kind == "decode":
+        summary.decode.ClearField("latents_npy")
+    elif kind == "upscale":
+        summary.upscale.ClearField("images")
+    return summary
+
+
 class JobRecord:
-    def __init__(self, job_id: str, request: pb.SubmitJobRequest, work: Work):
-        self.id = job_id
-        self.request = request
-        self.work = work
-        self.total = work.total
-        self.created_at = time.time()
-        self.state = JobState.QUEUED
-        self.completed = 0
-        self.error = ""
-        self.cancel_requested = False
-        self._events: list[pb.JobEvent] = []
-        self._appended = asyncio.Event()
-        self._append(state=STATE_TO_PB[JobState.QUEUED])
+    """One job: its state in memory, mirrored to the database on every change."""
+
+    def __init__(self, db: sqlite3.Connection, row: sqlite3.Row):
+        self._db = db
+        self.id: str = row["id"]
+        self.summary = _summary(pb.SubmitJobRequest.FromString(row["request"]))
+        self.total: int = row["total"]
+        self.created_at: float = row["created_at"]
+        self.state = JobState(row["state"])
+        self.completed: int = row["completed"]
+        self.error: str = row["error"]
+        self.cancel_requested = bool(row["cancel_requested"])
+        self._last_seq: int = row["last_seq"]
+        self.appended = asyncio.Event()
+
+    def request(self) -> pb.SubmitJobRequest:
+        """The full request, inputs included, as submitted: what a resumed job is planned from."""
+        (data,) = self._db.execute("SELECT request FROM jobs WHERE id = ?", (self.id,)).fetchone()
+        return pb.SubmitJobRequest.FromString(data)
 
     def _append(self, **kind) -> None:
-        self._events.append(pb.JobEvent(seq=len(self._events) + 1, job_id=self.id, **kind))
+        """Adds one event; call inside a transaction that also saves the job's row."""
+        self._last_seq += 1
+        event = pb.JobEvent(seq=self._last_seq, job_id=self.id, **kind)
+        self._db.execute(
+            "INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)", (self.id, self._last_seq, event.SerializeToString())
+        )
+
+    def _save(self) -> None:
+        self._db.execute(
+            "UPDATE jobs SET state = ?, completed = ?, error = ?, cancel_requested = ?, last_seq = ? WHERE id = ?",
+            (self.state.value, self.completed, self.error, int(self.cancel_requested), self._last_seq, self.id),
+        )
+
+    def wake_followers(self) -> None:
         # Wake every follower, then arm a fresh event for the next append.
-        self._appended.set()
-        self._appended = asyncio.Event()
+        self.appended.set()
+        self.appended = asyncio.Event()
 
     def set_running(self) -> None:
-        self.state = JobState.RUNNING
-        self._append(state=STATE_TO_PB[JobState.RUNNING])
+        with self._db:
+            self.state = JobState.RUNNING
+            self._append(state=STATE_TO_PB[JobState.RUNNING])
+            self._save()
+        self.wake_followers()
 
-    def add_result(self, spec: AnySpec, name: str) -> None:
-        self.completed += 1
-        self._append(result=result_to_pb(spec, name))
-        self._append(progress=pb.Progress(completed=self.completed, total=self.total))
+    def request_cancel(self) -> None:
+        with self._db:
+            self.cancel_requested = True
+            self._save()
+
+    def is_done(self, spec: AnySpec) -> bool:
+        row = self._db.execute("SELECT 1 FROM results WHERE job_id = ? AND name = ?", (self.id, spec.file_name))
+        return row.fetchone() is not None
+
+    def add_result(self, spec: AnySpec, name: str) -> bool:
+        """Records a result once; False if it was already recorded (a retried or redone item)."""
+        with self._db:
+            inserted = self._db.execute(
+                "INSERT OR IGNORE INTO results (job_id, name, spec) VALUES (?, ?, ?)",
+                (self.id, name, json.dumps(asdict(spec), sort_keys=True, ensure_ascii=False)),
+            ).rowcount
+            if not inserted:
+                return False
+            self.completed += 1
+            self._append(result=result_to_pb(spec, name))
+            self._append(progress=pb.Progress(completed=self.completed, total=self.total))
+            self._save()
+        self.wake_followers()
+        return True
+
+    def results(self) -> Iterator[tuple[str, AnySpec]]:
+        """(file name, spec) of every recorded result, in the order they were recorded."""
+        rows = self._db.execute("SELECT name, spec FROM results WHERE job_id = ? ORDER BY rowid", (self.id,))
+        for name, spec in rows.fetchall():
+            yield name, spec_from_json(spec)
 
     def finish(self, state: JobState, error: str = "") -> None:
-        self.state, self.error = state, error
-        self._append(state=STATE_TO_PB[state], error=error)
+        with self._db:
+            self.state, self.error = state, error
+            self._append(state=STATE_TO_PB[state], error=error)
+            self._save()
+        self.wake_followers()
 
     def to_pb(self) -> pb.Job:
         job = pb.Job(
@@ -78,46 +180,84 @@ class JobRecord:
             error=self.error,
             created_at=self.created_at,
         )
-        kind = self.request.WhichOneof("kind")
-        getattr(job, kind).CopyFrom(getattr(self.request, kind))
-        # Inputs can be megabytes that a status call does not need.
-        if kind == "decode":
-            job.decode.ClearField("latents_npy")
-        elif kind == "upscale":
-            job.upscale.ClearField("images")
+        kind = self.summary.WhichOneof("kind")
+        getattr(job, kind).CopyFrom(getattr(self.summary, kind))
         return job
 
-    async def follow(self, after_seq: int) -> AsyncIterator[pb.JobEvent]:
-        """The events after `after_seq`, then new ones as they come, until the job's final event."""
-        seq = max(0, after_seq)
-        while True:
-            appended = self._appended
-            while seq < len(self._events):
-                seq += 1
-                yield self._events[seq - 1]
-            if self.state.finished:
-                return
-            await appended.wait()
+    def events_after(self, seq: int) -> list[pb.JobEvent]:
+        rows = self._db.execute(
+            "SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (self.id, seq, EVENTS_PER_READ)
+        )
+        return [pb.JobEvent.FromString(data) for (data,) in rows.fetchall()]
 
 
 class JobStore:
-    def __init__(self):
-        self._jobs: dict[str, JobRecord] = {}
-        self._by_request_id: dict[str, str] = {}
+    """The jobs of this farm, in STATE_DIR/jobs.sqlite3; a new store on the same directory sees them all."""
 
-    def create(self, request: pb.SubmitJobRequest, work: Work) -> JobRecord:
-        job = JobRecord(uuid.uuid4().hex[:16], request, work)
+    def __init__(self, state_dir: Path):
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        # Used only from the scheduler's event loop thread; statements take microseconds.
+        self._db = sqlite3.connect(Path(state_dir) / DATABASE, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode, NORMAL loses nothing when the process dies; only an OS crash can drop the last commits.
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.executescript(SCHEMA)
+        rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at, rowid").fetchall()
+        self._jobs = {row["id"]: JobRecord(self._db, row) for row in rows}
+        self._stopping = False
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, request: pb.SubmitJobRequest, total: int) -> JobRecord:
+        job_id = uuid.uuid4().hex[:16]
+        with self._db:
+            self._db.execute(
+                "INSERT INTO jobs (id, request_id, request, state, total, completed, error, created_at,"
+                " cancel_requested, last_seq) VALUES (?, ?, ?, ?, ?, 0, '', ?, 0, 0)",
+                (job_id, request.request_id or None, request.SerializeToString(), JobState.QUEUED.value, total, time.time()),
+            )
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            job = JobRecord(self._db, row)
+            job._append(state=STATE_TO_PB[JobState.QUEUED])
+            job._save()
         self._jobs[job.id] = job
-        if request.request_id:
-            self._by_request_id[request.request_id] = job.id
         return job
 
     def by_request_id(self, request_id: str) -> JobRecord | None:
-        job_id = self._by_request_id.get(request_id)
-        return self._jobs[job_id] if job_id else None
+        row = self._db.execute("SELECT id FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        return self._jobs[row["id"]] if row else None
 
     def get(self, job_id: str) -> JobRecord | None:
         return self._jobs.get(job_id)
 
     def all(self) -> list[JobRecord]:
         return list(self._jobs.values())
+
+    def unfinished(self) -> list[JobRecord]:
+        return [job for job in self._jobs.values() if not job.state.finished]
+
+    async def follow(self, job: JobRecord, after_seq: int) -> AsyncIterator[pb.JobEvent | None]:
+        """The job's events after `after_seq`, then new ones as they come, until its final event.
+
+        Yields None, and ends, if the scheduler stops first.
+        """
+        seq = max(0, after_seq)
+        while True:
+            appended = job.appended
+            while events := job.events_after(seq):
+                for event in events:
+                    seq = event.seq
+                    yield event
+            if job.state.finished:
+                return
+            if self._stopping:
+                yield None
+                return
+            await appended.wait()
+
+    def stop_following(self) -> None:
+        self._stopping = True
+        for job in self._jobs.values():
+            job.wake_followers()

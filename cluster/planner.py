@@ -28,6 +28,11 @@ class Sweep:
     sizes: tuple[tuple[int, int], ...]
     schedulers: tuple[str, ...]
 
+    def __post_init__(self):
+        # A repeated axis value would repeat images: each spec is one result, once.
+        for axis in ("prompts", "seeds", "guidance_scales", "steps", "sizes", "schedulers"):
+            object.__setattr__(self, axis, tuple(dict.fromkeys(getattr(self, axis))))
+
     @property
     def total(self) -> int:
         return math.prod(
@@ -69,6 +74,12 @@ class Upscale:
 
     images: tuple[bytes, ...]
     specs: tuple[UpscaledImageSpec, ...]
+
+    def __post_init__(self):
+        # The same image twice is one result.
+        unique = dict(zip(self.specs, self.images))
+        object.__setattr__(self, "specs", tuple(unique))
+        object.__setattr__(self, "images", tuple(unique.values()))
 
     @property
     def total(self) -> int:

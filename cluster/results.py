@@ -1,11 +1,24 @@
-"""The local result store: OUTPUT_DIR/<job id>/<name>.png plus a manifest.jsonl per job."""
+"""The local result store: OUTPUT_DIR/<job id>/<name>.png plus a manifest.jsonl per job.
+
+Names are functions of the spec, so a retried item rewrites an identical file.
+The manifest gets a line only for a result the job store recorded for the first
+time, and a resumed job's manifest is rewritten from the store's results index,
+so it lists every result exactly once whatever crashed where.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from renderfarm.spec import MANIFEST, ImageSpec, manifest_line
+from renderfarm.spec import MANIFEST, AnySpec, manifest_line
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 class LocalResultStore:
@@ -15,17 +28,22 @@ class LocalResultStore:
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def write(self, job_id: str, spec: ImageSpec, png: bytes) -> str:
-        """Stores one result atomically (temp file + rename); returns its file name."""
+    def write(self, job_id: str, spec: AnySpec, png: bytes) -> str:
+        """Stores one PNG atomically (temp file + rename); returns its file name."""
         directory = self.job_dir(job_id)
         directory.mkdir(parents=True, exist_ok=True)
-        name = spec.file_name
-        temporary = directory / f".{name}.tmp"
-        temporary.write_bytes(png)
-        os.replace(temporary, directory / name)
-        with open(directory / MANIFEST, "a", encoding="utf-8") as manifest:
+        _replace_atomically(directory / spec.file_name, png)
+        return spec.file_name
+
+    def add_to_manifest(self, job_id: str, name: str, spec: AnySpec) -> None:
+        with open(self.job_dir(job_id) / MANIFEST, "a", encoding="utf-8") as manifest:
             manifest.write(manifest_line(name, spec))
-        return name
+
+    def rewrite_manifest(self, job_id: str, results: Iterable[tuple[str, AnySpec]]) -> None:
+        directory = self.job_dir(job_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = "".join(manifest_line(name, spec) for name, spec in results)
+        _replace_atomically(directory / MANIFEST, text.encode())
 
     def read(self, job_id: str, name: str) -> bytes:
         return (self.job_dir(job_id) / name).read_bytes()

@@ -10,10 +10,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from renderfarm._constants import CHANNEL_OPTIONS, FIELD_METADATA_KEY
+from renderfarm._wire import JobState
 from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.model_info import ModelInfo, model_info
+from renderfarm.cluster.planner import Work
 from renderfarm.cluster.results import LocalResultStore
 from renderfarm.cluster.validate import validate
 from renderfarm.errors import InvalidJobError
@@ -41,11 +43,30 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         except InvalidJobError as error:
             context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field or ""),))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        job = self._jobs.create(request, work)
-        task = asyncio.create_task(self._dispatcher.run(job))
+        job = self._jobs.create(request, work.total)
+        self._start(job, work)
+        return pb.SubmitJobResponse(job=job.to_pb())
+
+    def _start(self, job: JobRecord, work: Work) -> None:
+        task = asyncio.create_task(self._dispatcher.run(job, work))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-        return pb.SubmitJobResponse(job=job.to_pb())
+
+    async def resume_unfinished(self) -> None:
+        """Picks up the jobs a previous scheduler on this state dir left unfinished; their done items stay done."""
+        for job in self._jobs.unfinished():
+            if job.cancel_requested:
+                job.finish(JobState.CANCELLED)
+                continue
+            try:
+                work = await asyncio.to_thread(validate, job.request(), self._config, self._model_info)
+            except InvalidJobError as error:
+                job.finish(JobState.FAILED, f"cannot resume: {error}")
+                continue
+            # The manifest may lack the last result, or end in a torn line, if the process died writing it.
+            await asyncio.to_thread(self._store.rewrite_manifest, job.id, list(job.results()))
+            log.info("resuming job %s: %d of %d images done", job.id, job.completed, job.total)
+            self._start(job, work)
 
     def _model_info(self, model: str) -> ModelInfo:
         return model_info(model, self._config.model_cache_dir)
@@ -68,12 +89,14 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"job_id: job {job.id} already ended {job.state.value}"
             )
-        job.cancel_requested = True
+        job.request_cancel()
         return pb.CancelJobResponse(job=job.to_pb())
 
     async def StreamJobEvents(self, request, context):
         job = await self._job(request.job_id, context)
-        async for event in job.follow(request.after_seq):
+        async for event in self._jobs.follow(job, request.after_seq):
+            if event is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is stopping; resume from the last seq")
             if event.WhichOneof("kind") == "result" and not request.omit_images:
                 png = await asyncio.to_thread(self._store.read, job.id, event.result.name)
                 with_image = pb.JobEvent()
@@ -83,11 +106,14 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
             yield event
 
     async def drain(self) -> None:
-        """Cancels every unfinished job; its in-flight batches finish and are stored."""
-        for job in self._jobs.all():
-            if not job.state.finished:
-                job.cancel_requested = True
+        """Stops dispatching and lets in-flight items finish and be stored.
+
+        Unfinished jobs stay unfinished in the job store, for the next scheduler on
+        the state dir to resume; their streams end UNAVAILABLE, which clients resume from.
+        """
+        self._dispatcher.stop_dispatching()
         await asyncio.gather(*self._running, return_exceptions=True)
+        self._jobs.stop_following()
 
 
 class Farm:
@@ -123,7 +149,9 @@ class Farm:
         store = LocalResultStore(self.config.output_dir)
         self._dispatcher = Dispatcher(self.config, store)
         await self._dispatcher.ready()
-        self._service = RenderFarmService(self.config, JobStore(), store, self._dispatcher)
+        self._jobs = JobStore(self.config.state_dir)
+        self._service = RenderFarmService(self.config, self._jobs, store, self._dispatcher)
+        await self._service.resume_unfinished()
         self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
         farm_pb2_grpc.add_RenderFarmServicer_to_server(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -139,6 +167,7 @@ class Farm:
         await self._service.drain()
         await self._server.stop(SHUTDOWN_GRACE_S)
         self._dispatcher.shutdown()
+        self._jobs.close()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

@@ -58,11 +58,15 @@ def _add_farm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus-per-replica", type=float, default=0.0, help="num_gpus of each replica (default 0)")
     group.add_argument("--output-dir", type=Path, default=_data_home() / "output", help="the farm's result store")
     group.add_argument("--model-cache-dir", type=Path, default=_cache_home() / "models", help="builtin model cache")
-    group.add_argument("--state-dir", type=Path, default=_data_home() / "state", help="the durable job store")
+    group.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the durable job store; `up` defaults to the user's data dir, an embedded farm to a temporary one",
+    )
     group.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
 
 
-def farm_config(args, *, host: str = "127.0.0.1", port: int = 0):
+def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0):
     from renderfarm.cluster.config import FarmConfig, PoolConfig
 
     def pool(replicas: int) -> PoolConfig:
@@ -71,7 +75,7 @@ def farm_config(args, *, host: str = "127.0.0.1", port: int = 0):
     return FarmConfig(
         output_dir=args.output_dir,
         model_cache_dir=args.model_cache_dir,
-        state_dir=args.state_dir,
+        state_dir=state_dir,
         host=host,
         port=port,
         ray_address=args.ray_address,
@@ -197,10 +201,16 @@ def _on_farm(args, submit: Callable[[Client], Job]) -> int:
     if args.address:
         with Client(args.address) as client:
             return run(client)
+    import tempfile
+
     from renderfarm.cluster.embedded import EmbeddedFarm
 
-    with EmbeddedFarm(farm_config(args)) as farm, Client(farm.address) as client:
-        return run(client)
+    # An embedded farm's jobs end with the command: left in a lasting store, a later
+    # command's farm would resume them.
+    with contextlib.ExitStack() as stack:
+        state_dir = args.state_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="renderfarm-")))
+        farm = stack.enter_context(EmbeddedFarm(farm_config(args, state_dir)))
+        return run(stack.enter_context(Client(farm.address)))
 
 
 def _decode(args) -> int:
@@ -261,7 +271,7 @@ def _up(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> None:
-        farm = Farm(farm_config(args, host=args.host, port=args.port))
+        farm = Farm(farm_config(args, args.state_dir or _data_home() / "state", host=args.host, port=args.port))
         await farm.start()
         print(f"renderfarm serving on {farm.address}", file=sys.stderr, flush=True)
         stop = asyncio.Event()

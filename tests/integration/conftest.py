@@ -1,5 +1,6 @@
 """Integration fixtures: one real local Ray instance per session, real farms on loopback."""
 
+import itertools
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -41,6 +42,7 @@ LIVE_FARMS = 2
 def start_farm(ray_session, farm_config):
     """Starts (or reuses) a farm: start_farm(denoisers=3, max_batch=1). The least recently used is stopped."""
     farms: OrderedDict[tuple, EmbeddedFarm] = OrderedDict()
+    started = itertools.count()
 
     def start(denoisers=1, decoders=1, upscalers=1, max_batch=8, **config) -> EmbeddedFarm:
         key = (denoisers, decoders, upscalers, max_batch, tuple(sorted(config.items())))
@@ -51,7 +53,10 @@ def start_farm(ray_session, farm_config):
                 name: PoolConfig(replicas=replicas)
                 for name, replicas in (("denoisers", denoisers), ("decoders", decoders), ("upscalers", upscalers))
             }
-            farms[key] = EmbeddedFarm(replace(farm_config, max_batch=max_batch, **pools, **config)).__enter__()
+            # Each farm its own job store: a farm resumes the unfinished jobs it finds there.
+            state_dir = farm_config.state_dir / f"farm-{next(started)}"
+            settings = replace(farm_config, max_batch=max_batch, state_dir=state_dir, **pools, **config)
+            farms[key] = EmbeddedFarm(settings).__enter__()
         farms.move_to_end(key)
         return farms[key]
 

@@ -23,9 +23,10 @@ def run(*args, check=True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def served_farm(tmp_path_factory, model_cache_dir):
     """`renderfarm up` in its own process (it starts its own local Ray), on a free port."""
-    output = tmp_path_factory.mktemp("up-output")
+    output, state = tmp_path_factory.mktemp("up-output"), tmp_path_factory.mktemp("up-state")
     process = subprocess.Popen(
-        [*RENDERFARM, "up", "--port", "0", "--output-dir", str(output), "--model-cache-dir", str(model_cache_dir)],
+        [*RENDERFARM, "up", "--port", "0", "--output-dir", str(output), "--model-cache-dir", str(model_cache_dir),
+         "--state-dir", str(state)],  # fmt: skip
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "RAY_ADDRESS": ""},

@@ -51,3 +51,12 @@ def test_shuffled_input_still_batches_compatibly():
     random.Random(0).shuffle(specs)
     for batch in batches(specs, 8):
         assert len({batch_key(s) for s in batch}) == 1
+
+
+def test_repeated_axis_values_make_each_image_once():
+    sweep = Sweep(
+        model="m", prompts=("a fox", "a fox", "a cat"), negative_prompt="", seeds=(1, 1, 2),
+        guidance_scales=(7.5,), steps=(20,), sizes=((64, 64), (64, 64)), schedulers=("ddim",),
+    )  # fmt: skip
+    specs = list(sweep.specs())
+    assert sweep.total == len(specs) == len(set(specs)) == 4
