@@ -37,10 +37,11 @@ class RetryConfig:
     """How a work item whose actor died or raised is retried before it fails its job."""
 
     # Tries of one work item, the first included.
-    max_attempts: int = 4
+    max_attempts: int = 5
     # Delay before the first retry; it doubles with each retry, up to max_backoff_s.
-    backoff_s: float = 0.5
-    max_backoff_s: float = 10.0
+    # The defaults wait ~15 s in all, time for Ray to restart a replica elsewhere.
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import ray
@@ -122,14 +123,23 @@ class Dispatcher:
     async def _with_retries(
         self, job: JobRecord, item: str, attempt: Callable[[int], Awaitable[None]], splittable: bool = False
     ) -> None:
-        """Runs attempt(1), attempt(2), ... until one succeeds; backoff doubles between them.
+        """Runs attempt(1), attempt(2), ... until one succeeds; backoff doubles between failures.
 
-        A `splittable` batch that ran out of accelerator memory is not retried here: the caller splits it.
+        A call refused because its replica is restarting spends no attempt: the item
+        waits for a replica, up to REPLICAS_READY_TIMEOUT_S. A `splittable` batch that
+        ran out of accelerator memory is not retried here: the caller splits it.
         """
         policy = self._config.retries
-        for number in range(1, policy.max_attempts + 1):
+        number, waiting_since = 1, None
+        while True:
             try:
                 return await attempt(number)
+            except ray.exceptions.ActorUnavailableError as error:
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since > REPLICAS_READY_TIMEOUT_S:
+                    raise ItemFailedError(f"{item} found no replica for {REPLICAS_READY_TIMEOUT_S:g} s") from error
+                await asyncio.sleep(policy.backoff_s)
+                continue
             except ray.exceptions.RayError as error:
                 if splittable and out_of_memory(error):
                     raise
@@ -139,6 +149,7 @@ class Dispatcher:
                 log.warning("job %s: %s failed (attempt %d of %d), retrying in %.1f s: %s",
                             job.id, item, number, policy.max_attempts, delay, _describe(error))  # fmt: skip
                 await asyncio.sleep(delay)
+                number, waiting_since = number + 1, None
 
     async def _sweep(self, job: JobRecord, sweep: Sweep) -> None:
         embeddings: dict[str, ray.ObjectRef] = {}

@@ -8,7 +8,7 @@ import pytest
 
 import renderfarm as rf
 from renderfarm.cli import main as cli
-from renderfarm.spec import read_spec
+from renderfarm.spec import MANIFEST, read_spec
 
 from .conftest import pixels
 
@@ -124,6 +124,8 @@ def test_cancel_keeps_partial_results(start_farm):
         status = job.status()
     assert status.state == rf.JobState.CANCELLED
     assert status.completed == kept < 200
+    listed = (farm.farm.config.output_dir / job.id / MANIFEST).read_text().splitlines()
+    assert len(listed) == kept == len(list((farm.farm.config.output_dir / job.id).glob("*.png")))
 
 
 def test_async_client_streams_the_same_results(farm):

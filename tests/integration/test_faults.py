@@ -1,0 +1,218 @@
+"""Exactly once under failure: real processes killed with real signals, real connections cut."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+import renderfarm as rf
+from renderfarm.actors.models import resolve_model
+from renderfarm.cluster.config import RetryConfig
+from renderfarm.spec import MANIFEST, read_spec, spec_from_json
+
+RENDERFARM = str(Path(sys.executable).parent / "renderfarm")
+SMALL = dict(steps=2, width=64, height=64)
+
+
+def stage_processes(*classes: str) -> set[int]:
+    """Pids of the Ray workers running these actor classes (Ray titles them `ray::Class` or `ray::Class.method`)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if entry.name.isdigit() and re.fullmatch(rf"ray::({'|'.join(classes)})(\..*)?", title):
+            pids.add(int(entry.name))
+    return pids
+
+
+def manifest(output_dir: Path, job_id: str) -> Counter:
+    lines = (output_dir / job_id / MANIFEST).read_text().splitlines()
+    return Counter(spec_from_json(json.dumps(json.loads(line)["spec"])) for line in lines)
+
+
+def pixels_by_name(directory: Path) -> dict[str, np.ndarray]:
+    return {path.name: np.asarray(Image.open(path)) for path in directory.glob("*.png")}
+
+
+def test_killing_denoisers_and_decoders_ten_times_changes_no_result(start_farm):
+    workers = ("DenoiserStage", "DecoderStage")
+    others = stage_processes(*workers)
+    # Short backoff keeps the test quick; the default attempts stand.
+    farm = start_farm(denoisers=2, decoders=2, max_batch=3, retries=RetryConfig(backoff_s=0.2, max_backoff_s=2.0))
+    output = farm.farm.config.output_dir
+    sweep = dict(prompts=["a red fox", "a lighthouse"], seeds=range(100), **SMALL)
+    with rf.Client(farm.address) as client:
+        clean = client.sweep(**sweep)
+        clean.wait()
+        chaotic = client.sweep(**sweep)
+        kills = []
+        while len(kills) < 10:
+            time.sleep(random.uniform(0.2, 1.5))
+            assert not chaotic.status().state.finished, f"the job ended after only {len(kills)} kills"
+            victims = stage_processes(*workers) - others
+            if victims:
+                victim = random.choice(sorted(victims))
+                os.kill(victim, signal.SIGKILL)
+                kills.append(victim)
+        status = chaotic.wait()
+    assert status.state == rf.JobState.SUCCEEDED and status.completed == status.total == 200
+
+    expected = {read_spec(path) for path in (output / clean.id).glob("*.png")}
+    assert len(expected) == 200
+    assert manifest(output, chaotic.id) == Counter(expected)  # every spec, each exactly once
+    clean_pixels, chaotic_pixels = pixels_by_name(output / clean.id), pixels_by_name(output / chaotic.id)
+    assert clean_pixels.keys() == chaotic_pixels.keys()
+    for name, image in clean_pixels.items():
+        assert np.array_equal(chaotic_pixels[name], image), name
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        return listener.getsockname()[1]
+
+
+def start_scheduler(port: int, state: Path, output: Path, model_cache_dir: Path, log: Path) -> subprocess.Popen:
+    """`renderfarm up` joined to the test session's Ray cluster, as a scheduler pod joins its RayCluster."""
+    process = subprocess.Popen(
+        [RENDERFARM, "up", "--port", str(port), "--state-dir", str(state), "--output-dir", str(output),
+         "--model-cache-dir", str(model_cache_dir), "--max-batch", "4",
+         "--ray-address", ray.get_runtime_context().gcs_address],  # fmt: skip
+        stderr=log.open("a"),
+    )
+    deadline = time.monotonic() + 180
+    while "renderfarm serving on" not in log.read_text().split("(restart)")[-1]:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    return process
+
+
+def test_a_scheduler_killed_mid_sweep_resumes_and_streams_each_result_once(ray_session, model_cache_dir, tmp_path):
+    port, state, output, log = free_port(), tmp_path / "state", tmp_path / "output", tmp_path / "up.log"
+    scheduler = start_scheduler(port, state, output, model_cache_dir, log)
+    seen, errors = [], []
+    try:
+        with rf.Client(f"127.0.0.1:{port}") as client:
+            job = client.sweep(["a red fox", "a lighthouse"], seeds=range(40), **SMALL)
+
+            def follow() -> None:
+                try:
+                    seen.extend(result.name for result in job.results())
+                except Exception as error:  # surfaced by the assertions below
+                    errors.append(error)
+
+            follower = threading.Thread(target=follow)
+            follower.start()
+            while len(seen) < 10:
+                assert follower.is_alive(), errors
+                time.sleep(0.05)
+            scheduler.send_signal(signal.SIGKILL)
+            scheduler.wait()
+            assert job.total > len(seen), "the sweep ended before the scheduler was killed"
+            with log.open("a") as marker:
+                marker.write("(restart)\n")
+            scheduler = start_scheduler(port, state, output, model_cache_dir, log)
+            follower.join(timeout=300)
+            status = job.status()
+    finally:
+        scheduler.kill()
+        scheduler.wait()
+
+    assert not errors and status.state == rf.JobState.SUCCEEDED and status.completed == 80
+    assert len(seen) == len(set(seen)) == 80  # each result once, across the crash
+    files = sorted(path.name for path in (output / job.id).glob("*.png"))
+    assert sorted(seen) == files
+    assert sorted(spec.file_name for spec in manifest(output, job.id).elements()) == files
+
+
+class DroppableProxy:
+    """A TCP proxy on loopback whose connections the test cuts, as a flaky network would."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted = 0
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self.accepted += 1
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            end.close()
+
+    def drop_connections(self) -> None:
+        for end in self._sockets:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.drop_connections()
+        self._listener.close()
+
+
+def test_a_dropped_connection_resumes_without_loss_or_duplicate(start_farm):
+    farm = start_farm(max_batch=1)
+    proxy = DroppableProxy(farm.address)
+    try:
+        with rf.Client(proxy.address) as client:
+            job = client.sweep("a red fox", seeds=range(30), **SMALL)
+            names = []
+            for result in job.results():
+                names.append(result.name)
+                if len(names) in (3, 12):
+                    proxy.drop_connections()
+    finally:
+        proxy.close()
+    assert proxy.accepted >= 3  # the stream really went down twice, and came back
+    assert len(names) == len(set(names)) == 30
+
+
+def test_a_poison_item_fails_its_job_with_the_error_and_the_farm_serves_on(start_farm, model_cache_dir, tmp_path):
+    # A model whose configs are fine, so the job is accepted, but whose UNet weights are not.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(resolve_model("builtin:tiny-sd", model_cache_dir), broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    farm = start_farm(retries=RetryConfig(max_attempts=2, backoff_s=0.1))
+    with rf.Client(farm.address) as client:
+        job = client.sweep("a red fox", model=str(broken), **SMALL)
+        with pytest.raises(rf.JobFailedError, match="failed 2 times"):
+            job.wait()
+        assert job.status().state == rf.JobState.FAILED
+        assert client.sweep("a red fox", **SMALL).wait().completed == 1
