@@ -334,6 +334,7 @@ def test_the_metrics_port_opens_only_with_the_service_monitor(rendered):
 
 def test_no_service_exposes_ray(rendered):
     _, manifests = rendered
+    assert [s["metadata"]["name"] for s in manifests if s["kind"] == "Service"] == ["farm-renderfarm"]  # README's
     assert one(manifests, "RayCluster")["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
     for service in (m for m in manifests if m["kind"] == "Service"):
         assert service["spec"]["selector"]["app.kubernetes.io/component"] == "scheduler"

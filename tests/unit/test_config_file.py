@@ -1,5 +1,6 @@
 """farm.toml loading: every table and type maps onto FarmConfig, and mistakes name their key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,11 @@ def test_each_directory_is_required(tmp_path, missing):
 def test_invalid_toml_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"^farm\.toml: not valid TOML: "):
         load_config(write(tmp_path, REQUIRED + "[denoisers\n"))
+
+
+def test_the_readmes_example_loads(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL)
+    config = load_config(write(tmp_path, example))
+    assert config.denoisers == PoolConfig(replicas=4, num_gpus=0.5, num_cpus=1.0)
+    assert config.ray_address == "farm-renderfarm-ray-head-svc:6379"
