@@ -21,8 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_a_full_file_loads_into_the_dataclasses(tmp_path):
-    config = load_config(write(tmp_path, REQUIRED + """
+FULL = REQUIRED + """
 host = "0.0.0.0"
 port = 50051
 ray_address = "renderfarm-ray-head-svc:6379"
@@ -50,7 +49,11 @@ max_concurrent_jobs = 8
 [retries]
 max_attempts = 2
 backoff_s = 1
-"""))
+"""
+
+
+def test_a_full_file_loads_into_the_dataclasses(tmp_path):
+    config = load_config(write(tmp_path, FULL))
     assert config == FarmConfig(
         output_dir=Path("/srv/renderfarm/output"),
         model_cache_dir=Path("/srv/renderfarm/models"),
@@ -87,7 +90,7 @@ def test_only_the_required_keys_leave_everything_else_at_its_default(tmp_path):
         ("[denoisers]\nreplicas = true", "farm.toml: denoisers.replicas must be an integer (got true)"),
         ("[denoisers]\nreplicas = 2.5", "farm.toml: denoisers.replicas must be an integer (got 2.5)"),
         ('[encoders]\nnum_gpus = "0.5"', 'farm.toml: encoders.num_gpus must be a number (got "0.5")'),
-        ("port = \"50051\"", 'farm.toml: port must be an integer (got "50051")'),
+        ('port = "50051"', 'farm.toml: port must be an integer (got "50051")'),
         ("ray_address = 6379", "farm.toml: ray_address must be a string (got 6379)"),
         ("denoisers = 2", "farm.toml: denoisers must be a table ([denoisers]), got 2"),
     ],
