@@ -14,6 +14,12 @@ model_cache_dir = "/srv/renderfarm/models"
 state_dir = "/srv/renderfarm/state"
 """
 
+DIRECTORIES = {
+    "output_dir": Path("/srv/renderfarm/output"),
+    "model_cache_dir": Path("/srv/renderfarm/models"),
+    "state_dir": Path("/srv/renderfarm/state"),
+}
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "farm.toml"
@@ -55,9 +61,7 @@ backoff_s = 1
 def test_a_full_file_loads_into_the_dataclasses(tmp_path):
     config = load_config(write(tmp_path, FULL))
     assert config == FarmConfig(
-        output_dir=Path("/srv/renderfarm/output"),
-        model_cache_dir=Path("/srv/renderfarm/models"),
-        state_dir=Path("/srv/renderfarm/state"),
+        **DIRECTORIES,
         host="0.0.0.0",
         port=50051,
         ray_address="renderfarm-ray-head-svc:6379",
@@ -75,11 +79,7 @@ def test_a_full_file_loads_into_the_dataclasses(tmp_path):
 
 def test_only_the_required_keys_leave_everything_else_at_its_default(tmp_path):
     config = load_config(write(tmp_path, REQUIRED))
-    assert config == FarmConfig(
-        output_dir=Path("/srv/renderfarm/output"),
-        model_cache_dir=Path("/srv/renderfarm/models"),
-        state_dir=Path("/srv/renderfarm/state"),
-    )
+    assert config == FarmConfig(**DIRECTORIES)
     assert config.ray_address is None  # left out: start a local Ray
 
 
