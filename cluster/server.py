@@ -11,6 +11,7 @@ from grpc_health.v1._async import HealthServicer
 
 from renderfarm._constants import CHANNEL_OPTIONS, FIELD_METADATA_KEY
 from renderfarm._wire import JobState
+from renderfarm.cluster.auth import BearerTokenInterceptor
 from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
@@ -119,8 +120,10 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
 class Farm:
     """A running farm: Ray (started or joined), the stage pools and the gRPC server."""
 
-    def __init__(self, config: FarmConfig):
+    def __init__(self, config: FarmConfig, token: str | None = None):
+        """`token`: when set, every RenderFarm call must carry it as a bearer token."""
         self.config = config
+        self._token = token
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._service: RenderFarmService | None = None
@@ -152,7 +155,8 @@ class Farm:
         self._jobs = JobStore(self.config.state_dir)
         self._service = RenderFarmService(self.config, self._jobs, store, self._dispatcher)
         await self._service.resume_unfinished()
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        interceptors = [BearerTokenInterceptor(self._token, SERVICE_NAME)] if self._token else []
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
         farm_pb2_grpc.add_RenderFarmServicer_to_server(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")

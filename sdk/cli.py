@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051)
     _add_farm_options(up)
 
+    serve = commands.add_parser("serve", help="run a scheduler configured by a farm.toml (e.g. joining a Ray cluster)")
+    serve.add_argument("--config", type=Path, required=True, help="the farm.toml (see the README's keys)")
+
     sweep = commands.add_parser("sweep", help="render every combination of prompts x seeds x settings")
     prompts = sweep.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -261,7 +264,8 @@ def _sweep(args) -> int:
     return _on_farm(args, submit)
 
 
-def _up(args) -> int:
+def _serve(config) -> int:
+    """Runs a farm in the foreground until SIGINT or SIGTERM, then stops it gracefully (`up`, `serve`)."""
     import asyncio
     import logging
     import signal
@@ -271,7 +275,8 @@ def _up(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> None:
-        farm = Farm(farm_config(args, args.state_dir or _data_home() / "state", host=args.host, port=args.port))
+        # The same variable the SDK sends its token from: a farm started with it requires it.
+        farm = Farm(config, token=os.environ.get("RENDERFARM_TOKEN"))
         await farm.start()
         print(f"renderfarm serving on {farm.address}", file=sys.stderr, flush=True)
         stop = asyncio.Event()
@@ -293,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "up":
-            return _up(args)
+            return _serve(farm_config(args, args.state_dir or _data_home() / "state", host=args.host, port=args.port))
+        if args.command == "serve":
+            from renderfarm.cluster.config_file import load_config
+
+            return _serve(load_config(args.config))
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "decode":

@@ -4,16 +4,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from renderfarm.spec import read_spec
-
-# The console script a user runs, installed beside this interpreter.
-RENDERFARM = [str(Path(sys.executable).parent / "renderfarm")]
+from tests.integration.processes import RENDERFARM, start_serving, stop
 
 
 def run(*args, check=True) -> subprocess.CompletedProcess:
@@ -24,26 +19,11 @@ def run(*args, check=True) -> subprocess.CompletedProcess:
 def served_farm(tmp_path_factory, model_cache_dir):
     """`renderfarm up` in its own process (it starts its own local Ray), on a free port."""
     output, state = tmp_path_factory.mktemp("up-output"), tmp_path_factory.mktemp("up-state")
-    process = subprocess.Popen(
-        [*RENDERFARM, "up", "--port", "0", "--output-dir", str(output), "--model-cache-dir", str(model_cache_dir),
-         "--state-dir", str(state)],  # fmt: skip
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
+    process, address = start_serving(
+        "up", "--port", "0", "--output-dir", str(output), "--model-cache-dir", str(model_cache_dir), "--state-dir", str(state)
     )
-    deadline = time.monotonic() + 180
-    address = None
-    while address is None and time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line and process.poll() is not None:
-            raise RuntimeError(f"renderfarm up exited with {process.returncode}")
-        if match := re.search(r"renderfarm serving on (\S+)", line):
-            address = match.group(1)
-    assert address, "renderfarm up did not start serving"
     yield process, address, output
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    stop(process)
 
 
 def test_sweep_jobs_status_watch_against_a_running_farm(served_farm, tmp_path):

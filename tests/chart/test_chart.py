@@ -1,0 +1,385 @@
+"""The Helm chart, rendered by Helm's own engine and checked against Kubernetes' and KubeRay's schemas.
+
+Every value set renders, lints clean, and validates; its farm.toml loads with renderfarm's own
+loader into exactly the pools it sets; and the security properties hold for each.
+"""
+
+import copy
+import re
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from renderfarm.cluster.config_file import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "renderfarm"
+# shared/ lies beside the repository (in CI too).
+RAYCLUSTER_CRD = ROOT.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayclusters.yaml"
+RELEASE, NAMESPACE = "farm", "render"
+RELEASE_LABELS = {"app.kubernetes.io/name": "renderfarm", "app.kubernetes.io/instance": RELEASE}
+# Kinds whose schemas are CRDs, not Kubernetes': RayCluster is checked against KubeRay's CRD.
+CUSTOM_KINDS = {"RayCluster", "ServiceMonitor"}
+# Ray's GCS, dashboard, client and dashboard agent, and a sample of the raylets' object-manager and worker ports.
+RAY_PORTS = [6379, 8265, 10001, 52365, 8076, 10002, 19999]
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY")
+
+WORKER = {
+    "replicas": 1,
+    "gpus": 1,
+    "shmSize": "4Gi",
+    "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+VALUE_SETS = {
+    "defaults": {},
+    "two-gpu-groups": {
+        "ray": {
+            "workerGroups": [
+                {**WORKER, "name": "a100", "replicas": 2, "gpus": 4, "nodeSelector": {"gpu": "a100"}},
+                {**WORKER, "name": "l4", "gpus": 1, "nodeSelector": {"gpu": "l4"}, "rayStartParams": {"num-cpus": 6}},
+            ]
+        },
+        "farm": {
+            "max_batch": 16,
+            "encoders": {"replicas": 2, "num_gpus": 0.25},
+            "denoisers": {"replicas": 6, "num_gpus": 1},
+            "decoders": {"replicas": 3, "num_gpus": 0.5},
+            "limits": {"max_steps": 150},
+        },
+        "scheduler": {"service": {"type": "LoadBalancer"}},
+    },
+    "autoscaling": {
+        "ray": {
+            "autoscaling": {"enabled": True, "upscalingMode": "Conservative"},
+            "workerGroups": [{**WORKER, "name": "gpu", "minReplicas": 0, "maxReplicas": 8}],
+        },
+        "persistence": {"modelCache": {"enabled": True, "storageClassName": "nfs"}},
+    },
+    "secrets": {
+        "secrets": {
+            "apiToken": {"existingSecret": "farm-api"},
+            "objectStore": {"existingSecret": "farm-s3", "endpointUrl": "http://minio.storage:9000"},
+            "huggingface": {"existingSecret": "farm-hf"},
+            "rayAuth": {"existingSecret": "farm-ray"},
+        },
+        "persistence": {"output": {"existingClaim": "renders"}, "modelCache": {"enabled": True}},
+    },
+    "monitoring": {
+        "serviceMonitor": {
+            "enabled": True,
+            "labels": {"release": "prometheus"},
+            "scrapeFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        },
+        "networkPolicy": {"schedulerFrom": [{"namespaceSelector": {}}]},
+        "scheduler": {"service": {"type": "NodePort"}},
+    },  # fmt: skip
+    "example": yaml.safe_load((CHART / "examples" / "gpu-farm.yaml").read_text()),
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart, values: dict) -> list[dict]:
+    manifests = chart.render(values=copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [doc for text in manifests.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def rendered(request, chart):
+    """(values as merged with the chart's defaults, rendered manifests) of each value set."""
+    values = VALUE_SETS[request.param]
+    return chart.merge_values(copy.deepcopy(values)), render(chart, values)
+
+
+def kube_version() -> str:
+    """The oldest Kubernetes the chart supports, from Chart.yaml's kubeVersion (">=1.27.0-0")."""
+    constraint = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    return re.fullmatch(r">=\s*(\d+\.\d+\.\d+)(-0)?", constraint).group(1)
+
+
+def one(manifests: list[dict], kind: str) -> dict:
+    (manifest,) = [m for m in manifests if m["kind"] == kind]
+    return manifest
+
+
+def pod_templates(manifests: list[dict]) -> dict[str, dict]:
+    """Every pod the release makes, by role: the scheduler's and each Ray group's template."""
+    raycluster = one(manifests, "RayCluster")["spec"]
+    pods = {"scheduler": one(manifests, "Deployment")["spec"]["template"]}
+    pods["ray-head"] = raycluster["headGroupSpec"]["template"]
+    for group in raycluster["workerGroupSpecs"]:
+        pods[f"ray-worker/{group['groupName']}"] = group["template"]
+    return pods
+
+
+def env(container: dict) -> dict[str, dict]:
+    return {variable["name"]: variable for variable in container.get("env", [])}
+
+
+# Rendering, lint and schemas
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_helm_lint_is_clean(name):
+    report = helm.lint(CHART, copy.deepcopy(VALUE_SETS[name]), strict=True, kube_version=f"v{kube_version()}")
+    problems = [message for message in report["messages"] if message["severity"] >= 2]  # warnings and errors
+    assert report["errors"] == [] and problems == []
+
+
+def test_manifests_match_the_kubernetes_schemas(rendered):
+    _, manifests = rendered
+    for manifest in manifests:
+        if manifest["kind"] not in CUSTOM_KINDS:
+            # strict: unknown fields fail too, as the API server's strict field validation does.
+            kubernetes_validate.validate(manifest, kube_version(), strict=True)
+
+
+@pytest.fixture(scope="module")
+def raycluster_schema():
+    crd = yaml.load(RAYCLUSTER_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return json_schema(version["schema"]["openAPIV3Schema"])
+
+
+def json_schema(node):
+    """An OpenAPI v3 structural schema as JSON Schema, closed to unknown fields as strict validation is."""
+    if isinstance(node, list):
+        return [json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    schema = {key: json_schema(value) for key, value in node.items() if not key.startswith("x-kubernetes-")}
+    if node.get("x-kubernetes-int-or-string"):
+        schema.pop("type", None)
+        schema["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.pop("nullable", False) and "type" in schema:
+        schema["type"] = [schema["type"], "null"]
+    if (
+        "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        schema["additionalProperties"] = False
+    return schema
+
+
+def test_the_raycluster_matches_kuberays_crd(rendered, raycluster_schema):
+    _, manifests = rendered
+    raycluster = one(manifests, "RayCluster")
+    assert raycluster["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(raycluster, raycluster_schema, cls=jsonschema.Draft7Validator)
+
+
+def test_the_crd_check_catches_a_misspelt_field(chart, raycluster_schema):
+    raycluster = one(render(chart, {}), "RayCluster")
+    raycluster["spec"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
+        jsonschema.validate(raycluster, raycluster_schema, cls=jsonschema.Draft7Validator)
+
+
+# The chart and the code agree
+
+
+def test_farm_toml_loads_into_the_pools_the_values_set(rendered, tmp_path):
+    values, manifests = rendered
+    farm_toml = tmp_path / "farm.toml"
+    farm_toml.write_text(one(manifests, "ConfigMap")["data"]["farm.toml"])
+    config = load_config(farm_toml)
+
+    for pool in ("encoders", "denoisers", "decoders", "upscalers"):
+        loaded, wanted = getattr(config, pool), values["farm"][pool]
+        assert (loaded.replicas, loaded.num_gpus, loaded.num_cpus) == (
+            wanted["replicas"], wanted["num_gpus"], wanted["num_cpus"]), pool  # fmt: skip
+    assert config.max_batch == values["farm"]["max_batch"]
+    for name, value in values["farm"]["limits"].items():
+        assert getattr(config.limits, name) == value
+    assert (config.host, config.port) == ("0.0.0.0", values["scheduler"]["port"])
+    assert config.ray_address == f"{one(manifests, 'RayCluster')['metadata']['name']}-head-svc:6379"
+
+
+def test_the_scheduler_mounts_what_farm_toml_names(rendered, tmp_path):
+    values, manifests = rendered
+    farm_toml = tmp_path / "farm.toml"
+    farm_toml.write_text(one(manifests, "ConfigMap")["data"]["farm.toml"])
+    config = load_config(farm_toml)
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {mount["name"]: Path(mount["mountPath"]) for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+
+    assert (mounts["state"], mounts["output"], mounts["model-cache"]) == (
+        config.state_dir, config.output_dir, config.model_cache_dir)  # fmt: skip
+    assert f"renderfarm serve --config {mounts['config'] / 'farm.toml'}" in container["command"][-1]
+    assert volumes["config"]["configMap"]["name"] == one(manifests, "ConfigMap")["metadata"]["name"]
+    claims = {m["metadata"]["name"] for m in manifests if m["kind"] == "PersistentVolumeClaim"}
+    for name in ("state", "output"):
+        claim = volumes[name]["persistentVolumeClaim"]["claimName"]
+        assert claim in claims or claim == values["persistence"][name]["existingClaim"]
+    assert port_of(container, "grpc") == values["scheduler"]["port"] == config.port
+
+
+def test_the_chart_refuses_farm_keys_it_sets_itself(chart):
+    with pytest.raises(helm.HelmRenderError, match="farm.state_dir is set by the chart"):
+        render(chart, {"farm": {"state_dir": "/data"}})
+
+
+def test_a_worker_group_without_a_gpu_is_refused(chart):
+    with pytest.raises(helm.HelmRenderError, match=r"ray.workerGroups\[cpu\].gpus must be at least 1"):
+        render(chart, {"ray": {"workerGroups": [{**WORKER, "name": "cpu", "gpus": 0}]}})
+
+
+# Properties
+
+
+def test_every_worker_group_has_its_gpu_limit(rendered):
+    values, manifests = rendered
+    groups = one(manifests, "RayCluster")["spec"]["workerGroupSpecs"]
+    assert [group["groupName"] for group in groups] == [group["name"] for group in values["ray"]["workerGroups"]]
+    for group, wanted in zip(groups, values["ray"]["workerGroups"]):
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == wanted["gpus"] >= 1
+        # /dev/shm is Ray's object store: in memory, not on the container's disk.
+        (shm,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_autoscaling_bounds_come_from_the_values(rendered):
+    values, manifests = rendered
+    spec = one(manifests, "RayCluster")["spec"]
+    assert spec["enableInTreeAutoscaling"] is values["ray"]["autoscaling"]["enabled"]
+    for group, wanted in zip(spec["workerGroupSpecs"], values["ray"]["workerGroups"]):
+        bounds = (wanted.get("minReplicas", wanted["replicas"]), wanted.get("maxReplicas", wanted["replicas"]))
+        assert (group["minReplicas"], group["maxReplicas"]) == bounds
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_the_scheduler_is_probed_over_grpc_health(rendered):
+    _, manifests = rendered
+    deployment = one(manifests, "Deployment")["spec"]
+    assert deployment["strategy"]["type"] == "Recreate" and deployment["replicas"] == 1
+    (container,) = deployment["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port_of(container, "grpc"), probe
+
+
+def test_no_container_runs_as_root(rendered):
+    _, manifests = rendered
+    for role, template in pod_templates(manifests).items():
+        pod = template["spec"]
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", role
+        for container in pod["containers"]:
+            effective = {**pod["securityContext"], **container["securityContext"]}
+            assert effective["runAsNonRoot"] is True and effective["runAsUser"] != 0, role
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, role
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], role
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, role
+            # The read-only root is workable because /tmp (Ray's session directory, HOME) is writable.
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], role
+    autoscaler = one(manifests, "RayCluster")["spec"].get("autoscalerOptions")
+    if autoscaler:
+        assert autoscaler["securityContext"]["runAsNonRoot"] is True and autoscaler["securityContext"]["runAsUser"]
+
+
+def admitting_rules(policies: list[dict], pod_labels: dict, port: int) -> list[dict] | None:
+    """The ingress rules that admit `port` on a pod with these labels; None if no policy isolates the pod."""
+    selecting = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()]
+    if not any("Ingress" in p["spec"]["policyTypes"] for p in selecting):
+        return None
+    return [
+        rule
+        for policy in selecting
+        for rule in policy["spec"].get("ingress", [])
+        if "ports" not in rule or any(entry["port"] == port for entry in rule["ports"])
+    ]
+
+
+def test_rays_ports_admit_only_pods_of_the_release(rendered):
+    values, manifests = rendered
+    policies = [m for m in manifests if m["kind"] == "NetworkPolicy"]
+    for role, template in pod_templates(manifests).items():
+        labels = template["metadata"]["labels"]
+        assert labels.items() >= RELEASE_LABELS.items(), role
+        for port in RAY_PORTS:
+            rules = admitting_rules(policies, labels, port)
+            assert rules, f"{role}: no policy isolates port {port}, or none admits the release's own pods"
+            for rule in rules:
+                assert rule.get("from") == [{"podSelector": {"matchLabels": RELEASE_LABELS}}], (role, port)
+    # The scheduler's gRPC port admits the configured peers (all, when none are named).
+    scheduler_labels = pod_templates(manifests)["scheduler"]["metadata"]["labels"]
+    froms = [rule.get("from") for rule in admitting_rules(policies, scheduler_labels, values["scheduler"]["port"])]
+    assert (values["networkPolicy"]["schedulerFrom"] or None) in froms
+
+
+def test_the_metrics_port_opens_only_with_the_service_monitor(rendered):
+    values, manifests = rendered
+    policies = [m for m in manifests if m["kind"] == "NetworkPolicy"]
+    head = pod_templates(manifests)["ray-head"]["metadata"]["labels"]
+    froms = [rule.get("from") for rule in admitting_rules(policies, head, 8080)]
+    monitoring = values["serviceMonitor"]
+    wanted = [[{"podSelector": {"matchLabels": RELEASE_LABELS}}]]
+    if monitoring["enabled"]:
+        wanted.append(monitoring["scrapeFrom"] or None)
+    assert froms == wanted
+    assert any(m["kind"] == "ServiceMonitor" for m in manifests) is monitoring["enabled"]
+
+
+def test_no_service_exposes_ray(rendered):
+    _, manifests = rendered
+    assert [s["metadata"]["name"] for s in manifests if s["kind"] == "Service"] == ["farm-renderfarm"]  # README's
+    assert one(manifests, "RayCluster")["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    for service in (m for m in manifests if m["kind"] == "Service"):
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == "scheduler"
+        assert not {port["port"] for port in service["spec"]["ports"]} & {*RAY_PORTS, 8080}
+
+
+def test_no_secret_is_in_plaintext(rendered):
+    _, manifests = rendered
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    for role, template in pod_templates(manifests).items():
+        for container in template["spec"]["containers"]:
+            for name, variable in env(container).items():
+                if SECRET_ENV.search(name):
+                    assert "value" not in variable and variable["valueFrom"]["secretKeyRef"]["name"], (role, name)
+
+
+def test_referenced_secrets_reach_the_pods_that_use_them(chart):
+    manifests = render(chart, VALUE_SETS["secrets"])
+    pods = pod_templates(manifests)
+    scheduler = env(pods["scheduler"]["spec"]["containers"][0])
+    (worker,) = [env(t["spec"]["containers"][0]) for role, t in pods.items() if role.startswith("ray-worker")]
+
+    def secret(variable: dict) -> tuple[str, str]:
+        reference = variable["valueFrom"]["secretKeyRef"]
+        return reference["name"], reference["key"]
+
+    assert secret(scheduler["RENDERFARM_TOKEN"]) == ("farm-api", "token")
+    assert "RENDERFARM_TOKEN" not in worker
+    for variables in (scheduler, worker):
+        assert secret(variables["AWS_ACCESS_KEY_ID"]) == ("farm-s3", "AWS_ACCESS_KEY_ID")
+        assert secret(variables["AWS_SECRET_ACCESS_KEY"]) == ("farm-s3", "AWS_SECRET_ACCESS_KEY")
+        assert variables["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+        assert secret(variables["HF_TOKEN"]) == ("farm-hf", "HF_TOKEN")
+    # Ray's token: KubeRay hands it to Ray's pods; the scheduler joins with the same one.
+    assert one(manifests, "RayCluster")["spec"]["authOptions"] == {"mode": "token", "secretName": "farm-ray"}
+    assert secret(scheduler["RAY_AUTH_TOKEN"]) == ("farm-ray", "auth_token")
+    assert scheduler["RAY_AUTH_MODE"]["value"] == "token"
+
+
+def test_without_secrets_no_credential_is_passed(chart):
+    pods = pod_templates(render(chart, {}))
+    for template in pods.values():
+        assert not [name for name in env(template["spec"]["containers"][0]) if SECRET_ENV.search(name)]
+
+
+def port_of(container: dict, name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    return port

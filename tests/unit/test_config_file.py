@@ -1,0 +1,136 @@
+"""farm.toml loading: every table and type maps onto FarmConfig, and mistakes name their key."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from renderfarm.cluster.config import FarmConfig, LimitsConfig, PoolConfig, RetryConfig
+from renderfarm.cluster.config_file import ConfigError, load_config
+
+REQUIRED = """
+output_dir = "/srv/renderfarm/output"
+model_cache_dir = "/srv/renderfarm/models"
+state_dir = "/srv/renderfarm/state"
+"""
+
+DIRECTORIES = {
+    "output_dir": Path("/srv/renderfarm/output"),
+    "model_cache_dir": Path("/srv/renderfarm/models"),
+    "state_dir": Path("/srv/renderfarm/state"),
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "farm.toml"
+    path.write_text(text)
+    return path
+
+
+FULL = REQUIRED + """
+host = "0.0.0.0"
+port = 50051
+ray_address = "renderfarm-ray-head-svc:6379"
+max_batch = 4
+tiled_decode_above_pixels = 2_000_000
+decode_tile = 256
+
+[encoders]
+replicas = 1
+num_gpus = 0.1
+
+[denoisers]
+replicas = 4
+num_gpus = 0.5
+num_cpus = 1
+
+[decoders]
+replicas = 2
+num_gpus = 0.2
+
+[limits]
+max_steps = 150
+max_concurrent_jobs = 8
+
+[retries]
+max_attempts = 2
+backoff_s = 1
+"""
+
+
+def test_a_full_file_loads_into_the_dataclasses(tmp_path):
+    config = load_config(write(tmp_path, FULL))
+    assert config == FarmConfig(
+        **DIRECTORIES,
+        host="0.0.0.0",
+        port=50051,
+        ray_address="renderfarm-ray-head-svc:6379",
+        max_batch=4,
+        tiled_decode_above_pixels=2_000_000,
+        decode_tile=256,
+        encoders=PoolConfig(replicas=1, num_gpus=0.1),
+        denoisers=PoolConfig(replicas=4, num_gpus=0.5, num_cpus=1.0),
+        decoders=PoolConfig(replicas=2, num_gpus=0.2),
+        limits=LimitsConfig(max_steps=150, max_concurrent_jobs=8),
+        retries=RetryConfig(max_attempts=2, backoff_s=1.0),
+    )
+    assert isinstance(config.output_dir, Path) and isinstance(config.retries.backoff_s, float)
+
+
+def test_only_the_required_keys_leave_everything_else_at_its_default(tmp_path):
+    config = load_config(write(tmp_path, REQUIRED))
+    assert config == FarmConfig(**DIRECTORIES)
+    assert config.ray_address is None  # left out: start a local Ray
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[denoisers]\nreplicas = "two"', 'farm.toml: denoisers.replicas must be an integer (got "two")'),
+        ("[denoisers]\nreplicas = true", "farm.toml: denoisers.replicas must be an integer (got true)"),
+        ("[denoisers]\nreplicas = 2.5", "farm.toml: denoisers.replicas must be an integer (got 2.5)"),
+        ('[encoders]\nnum_gpus = "0.5"', 'farm.toml: encoders.num_gpus must be a number (got "0.5")'),
+        ('port = "50051"', 'farm.toml: port must be an integer (got "50051")'),
+        ("ray_address = 6379", "farm.toml: ray_address must be a string (got 6379)"),
+        ("denoisers = 2", "farm.toml: denoisers must be a table ([denoisers]), got 2"),
+    ],
+)
+def test_a_wrong_type_names_the_key_and_the_value(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, REQUIRED + text))
+    assert str(caught.value) == message
+
+
+def test_a_path_must_be_a_string(tmp_path):
+    with pytest.raises(ConfigError, match=r"farm\.toml: state_dir must be a path \(a string\) \(got 3\)"):
+        load_config(write(tmp_path, 'output_dir = "/o"\nmodel_cache_dir = "/m"\nstate_dir = 3'))
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("max_batchs = 4", "max_batchs"), ("[denoisers]\nreplica = 2", "denoisers.replica"),
+     ("[limits]\nmax_step = 2", "limits.max_step"), ("[upscaler]\nreplicas = 1", "upscaler")],
+)  # fmt: skip
+def test_an_unknown_key_is_refused_by_its_full_name(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=rf"^farm\.toml: unknown key {key} \(known: "):
+        load_config(write(tmp_path, REQUIRED + text))
+
+
+@pytest.mark.parametrize("missing", ["output_dir", "model_cache_dir", "state_dir"])
+def test_each_directory_is_required(tmp_path, missing):
+    text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(missing))
+    with pytest.raises(ConfigError, match=rf"^farm\.toml: missing required key {missing}$"):
+        load_config(write(tmp_path, text))
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^farm\.toml: not valid TOML: "):
+        load_config(write(tmp_path, REQUIRED + "[denoisers\n"))
+
+
+def test_the_readmes_example_loads(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL)
+    config = load_config(write(tmp_path, example))
+    assert config.denoisers == PoolConfig(replicas=4, num_gpus=0.5, num_cpus=1.0)
+    assert config.ray_address == "farm-renderfarm-ray-head-svc:6379"
