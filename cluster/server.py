@@ -44,6 +44,9 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         except InvalidJobError as error:
             context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field or ""),))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        # A retry of this request may have created the job while this one was validated.
+        if request.request_id and (existing := self._jobs.by_request_id(request.request_id)):
+            return pb.SubmitJobResponse(job=existing.to_pb())
         job = self._jobs.create(request, work.total)
         self._start(job, work)
         return pb.SubmitJobResponse(job=job.to_pb())
