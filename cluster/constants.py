@@ -20,6 +20,11 @@ MAX_SEED = 2**53 - 1
 # Images are made of 8x8 latent cells.
 SIZE_MULTIPLE = 8
 
+# Job ids and client-chosen request ids: short, and safe in a file name, a URL or a log line.
+SAFE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+# A model reference is at most a path; Linux's PATH_MAX bounds what a file system call accepts.
+MAX_MODEL_REF_CHARS = 4096
+
 # Batches in flight per denoiser replica: one running, one queued behind it, so
 # a replica never idles while the scheduler plans.
 BATCHES_IN_FLIGHT_PER_DENOISER = 2
