@@ -1,5 +1,7 @@
 """Scheduler-side numbers, each in one place."""
 
+from renderfarm._constants import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, MESSAGE_SIZE_OPTIONS
+
 DEFAULT_PORT = 50051
 
 # Defaults for a sweep's unset axes: diffusers' StableDiffusionPipeline defaults.
@@ -35,3 +37,15 @@ REPLICAS_READY_TIMEOUT_S = 300.0
 
 # The graceful-stop window of the gRPC server.
 SHUTDOWN_GRACE_S = 5.0
+
+# The server pings idle clients less often than they ping it: it only needs to
+# free the streams of clients that vanished.
+SERVER_KEEPALIVE_TIME_S = 60
+SERVER_OPTIONS = MESSAGE_SIZE_OPTIONS + (
+    ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    # A server by default answers pings more often than every 5 minutes with GOAWAY
+    # (too_many_pings); accept the SDK's, with slack for timer jitter.
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_S * 1000 // 2),
+    ("grpc.keepalive_permit_without_calls", 1),
+)

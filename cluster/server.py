@@ -9,9 +9,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from renderfarm._constants import CHANNEL_OPTIONS
 from renderfarm.cluster.config import FarmConfig
-from renderfarm.cluster.constants import SHUTDOWN_GRACE_S
+from renderfarm.cluster.constants import SERVER_OPTIONS, SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.model_info import ModelInfo, model_info
 from renderfarm.cluster.results import LocalResultStore
@@ -142,7 +141,7 @@ class Farm:
         self._dispatcher = Dispatcher(self.config, store)
         await self._dispatcher.ready()
         self._service = RenderFarmService(self.config, JobStore(), store, self._dispatcher)
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
         self._server.add_generic_rpc_handlers((service_handler(self._service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
