@@ -1,5 +1,7 @@
 """Scheduler-side numbers, each in one place."""
 
+from renderfarm._constants import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, MESSAGE_SIZE_OPTIONS
+
 DEFAULT_PORT = 50051
 
 # Defaults for a sweep's unset axes: diffusers' StableDiffusionPipeline defaults.
@@ -20,6 +22,11 @@ MAX_SEED = 2**53 - 1
 # Images are made of 8x8 latent cells.
 SIZE_MULTIPLE = 8
 
+# Job ids and client-chosen request ids: short, and safe in a file name, a URL or a log line.
+SAFE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+# A model reference is at most a path; Linux's PATH_MAX bounds what a file system call accepts.
+MAX_MODEL_REF_CHARS = 4096
+
 # Batches in flight per denoiser replica: one running, one queued behind it, so
 # a replica never idles while the scheduler plans.
 BATCHES_IN_FLIGHT_PER_DENOISER = 2
@@ -30,3 +37,15 @@ REPLICAS_READY_TIMEOUT_S = 300.0
 
 # The graceful-stop window of the gRPC server.
 SHUTDOWN_GRACE_S = 5.0
+
+# The server pings idle clients less often than they ping it: it only needs to
+# free the streams of clients that vanished.
+SERVER_KEEPALIVE_TIME_S = 60
+SERVER_OPTIONS = MESSAGE_SIZE_OPTIONS + (
+    ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    # A server by default answers pings more often than every 5 minutes with GOAWAY
+    # (too_many_pings); accept the SDK's, with slack for timer jitter.
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_S * 1000 // 2),
+    ("grpc.keepalive_permit_without_calls", 1),
+)

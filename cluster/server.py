@@ -9,22 +9,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from renderfarm._constants import CHANNEL_OPTIONS, FIELD_METADATA_KEY
 from renderfarm._wire import JobState
 from renderfarm.cluster.auth import BearerTokenInterceptor
 from renderfarm.cluster.config import FarmConfig
-from renderfarm.cluster.constants import SHUTDOWN_GRACE_S
+from renderfarm.cluster.constants import SERVER_OPTIONS, SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.model_info import ModelInfo, model_info
 from renderfarm.cluster.planner import Work
 from renderfarm.cluster.results import LocalResultStore
-from renderfarm.cluster.validate import validate
+from renderfarm.cluster.rpc import SERVICE_NAME, abort, abort_invalid, service_handler
+from renderfarm.cluster.validate import check_id, validate
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 from renderfarm.v1 import farm_pb2_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "renderfarm.v1.RenderFarm"
 
 
 class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
@@ -34,19 +33,29 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         self._store = store
         self._dispatcher = dispatcher
         self._running: set[asyncio.Task] = set()
+        self._draining = False
 
     async def SubmitJob(self, request, context):
         if request.request_id and (existing := self._jobs.by_request_id(request.request_id)):
             return pb.SubmitJobResponse(job=existing.to_pb())
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the farm is shutting down; submit again once it is back")
         try:
             # Resolving a model may build or read files: keep it off the event loop.
             work = await asyncio.to_thread(validate, request, self._config, self._model_info)
         except InvalidJobError as error:
-            context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field or ""),))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await abort_invalid(context, error)
         # A retry of this request may have created the job while this one was validated.
         if request.request_id and (existing := self._jobs.by_request_id(request.request_id)):
             return pb.SubmitJobResponse(job=existing.to_pb())
+        # No await between this count and the create below, so concurrent submissions cannot both pass.
+        unfinished = len(self._jobs.unfinished())
+        if unfinished >= self._config.limits.max_concurrent_jobs:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{unfinished} jobs are queued or running, the farm's limit "
+                f"(max_concurrent_jobs = {self._config.limits.max_concurrent_jobs}); submit again when one ends",
+            )
         job = self._jobs.create(request, work.total)
         self._start(job, work)
         return pb.SubmitJobResponse(job=job.to_pb())
@@ -76,9 +85,13 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         return model_info(model, self._config.model_cache_dir)
 
     async def _job(self, job_id: str, context) -> JobRecord:
+        try:
+            check_id("job_id", job_id)
+        except InvalidJobError as error:
+            await abort_invalid(context, error)
         job = self._jobs.get(job_id)
         if job is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {job_id!r}")
+            await abort(context, grpc.StatusCode.NOT_FOUND, "job_id", f"job_id: no job {job_id!r}")
         return job
 
     async def GetJob(self, request, context):
@@ -90,8 +103,11 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
     async def CancelJob(self, request, context):
         job = await self._job(request.job_id, context)
         if job.state.finished:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"job_id: job {job.id} already ended {job.state.value}"
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "job_id",
+                f"job_id: job {job.id} already ended {job.state.value}",
             )
         job.request_cancel()
         return pb.CancelJobResponse(job=job.to_pb())
@@ -110,11 +126,12 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
             yield event
 
     async def drain(self) -> None:
-        """Stops dispatching and lets in-flight items finish and be stored.
+        """Refuses new jobs, stops dispatching and lets in-flight items finish and be stored.
 
         Unfinished jobs stay unfinished in the job store, for the next scheduler on
         the state dir to resume; their streams end UNAVAILABLE, which clients resume from.
         """
+        self._draining = True
         self._dispatcher.stop_dispatching()
         await asyncio.gather(*self._running, return_exceptions=True)
         self._jobs.stop_following()
@@ -159,8 +176,8 @@ class Farm:
         self._service = RenderFarmService(self.config, self._jobs, store, self._dispatcher)
         await self._service.resume_unfinished()
         interceptors = [BearerTokenInterceptor(self._token, SERVICE_NAME)] if self._token else []
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
-        farm_pb2_grpc.add_RenderFarmServicer_to_server(self._service, self._server)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        self._server.add_generic_rpc_handlers((service_handler(self._service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self._server.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +22,9 @@ from renderfarm.cluster.constants import (
     DEFAULT_STEPS,
     DEFAULT_UPSCALE_GUIDANCE_SCALE,
     DEFAULT_UPSCALE_STEPS,
+    MAX_MODEL_REF_CHARS,
     MAX_SEED,
+    SAFE_ID_PATTERN,
     SIZE_MULTIPLE,
     TILE_MULTIPLE,
     UPSCALE_FACTOR,
@@ -33,6 +36,7 @@ from renderfarm.spec import SCHEDULER_LABELS, DecodedImageSpec, UpscaledImageSpe
 from renderfarm.v1 import farm_pb2 as pb
 
 ModelLookup = Callable[[str], ModelInfo]
+SAFE_ID = re.compile(SAFE_ID_PATTERN)
 
 
 def invalid(field: str, message: str) -> InvalidJobError:
@@ -41,6 +45,8 @@ def invalid(field: str, message: str) -> InvalidJobError:
 
 def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: ModelLookup) -> Sweep | Decode:
     """`model_info` raises ValueError for a model that cannot be resolved."""
+    if request.request_id:
+        check_id("request_id", request.request_id)
     kind = request.WhichOneof("kind")
     if kind == "sweep":
         return validate_sweep(request.sweep, config.limits, model_info)
@@ -51,9 +57,19 @@ def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: Model
     raise invalid("kind", "the request names no job (set sweep, decode or upscale)")
 
 
+def check_id(field: str, value: str) -> None:
+    if not SAFE_ID.fullmatch(value):
+        raise invalid(field, f"must be 1 to 64 letters, digits, '_' or '-' (got {value[:80]!r})")
+
+
 def _model(field: str, model: str, model_info: ModelLookup) -> ModelInfo:
     if not model:
         raise invalid(field, "must name a model, e.g. builtin:tiny-sd")
+    if len(model) > MAX_MODEL_REF_CHARS:
+        raise invalid(field, f"{len(model)} characters is over the limit of {MAX_MODEL_REF_CHARS}")
+    # A reference names a model directory itself, never a way out of one: refused before any file is looked at.
+    if ".." in re.split(r"[/:]", model) or "\\" in model or any(ord(c) < 32 for c in model):
+        raise invalid(field, "must not hold '..' path segments, backslashes or control characters")
     try:
         return model_info(model)
     except ValueError as error:
@@ -61,6 +77,16 @@ def _model(field: str, model: str, model_info: ModelLookup) -> ModelInfo:
 
 
 def validate_sweep(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) -> Sweep:
+    if not sweep.prompts:
+        raise invalid("sweep.prompts", "must hold at least one prompt")
+    if len(sweep.prompts) > limits.max_prompts_per_job:
+        raise invalid("sweep.prompts", f"{len(sweep.prompts)} prompts is over the limit of {limits.max_prompts_per_job}")
+    # Counted from the axes' lengths before any value is read, so a sweep of billions is refused at once.
+    axes = (sweep.prompts, sweep.seeds, sweep.guidance_scales, sweep.steps, sweep.sizes, sweep.schedulers)
+    total = math.prod(len(axis) or 1 for axis in axes)
+    if total > limits.max_images_per_job:
+        raise invalid("sweep", f"{total} images is over the limit of {limits.max_images_per_job} per job")
+
     prompts = _prompts(sweep, limits)
     _text("sweep.negative_prompt", sweep.negative_prompt, limits)
 
@@ -91,12 +117,7 @@ def validate_sweep(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelL
                     f"sweep.sizes[{i}].{side}",
                     f"must be a positive multiple of {SIZE_MULTIPLE} up to {limits.max_side} (got {value})",
                 )
-
-    # Checked before the model, so an oversized sweep is refused without touching it.
-    axes = (prompts, seeds, guidance_scales, steps, sweep.sizes or [None], sweep.schedulers or [None])
-    total = math.prod(len(axis) for axis in axes)
-    if total > limits.max_images_per_job:
-        raise invalid("sweep", f"{total} images is over the limit of {limits.max_images_per_job} per job")
+        _pixels(f"sweep.sizes[{i}]", size.width, size.height, limits)
 
     defaults = _model("sweep.model", sweep.model, model_info)
     if not sweep.schedulers and defaults.scheduler not in SCHEDULER_LABELS:
@@ -118,12 +139,7 @@ def validate_sweep(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelL
 
 
 def validate_decode(decode: pb.DecodeSpec, config: FarmConfig, model_info: ModelLookup) -> Decode:
-    try:
-        latents = np.load(io.BytesIO(decode.latents_npy), allow_pickle=False)
-    except Exception as error:  # numpy raises several types for a malformed file
-        raise invalid("decode.latents_npy", f"is not a NumPy .npy array ({error})") from None
-    if latents.dtype.kind != "f" or latents.ndim != 4 or latents.shape[0] != 1 or 0 in latents.shape:
-        raise invalid("decode.latents_npy", f"must be a float array [1, C, h, w] (got {latents.dtype} {latents.shape})")
+    latents = _latents(decode.latents_npy)
     if not np.isfinite(latents).all():
         raise invalid("decode.latents_npy", "must hold finite numbers only")
     info = _model("decode.model", decode.model, model_info)
@@ -133,6 +149,7 @@ def validate_decode(decode: pb.DecodeSpec, config: FarmConfig, model_info: Model
     height, width = latents.shape[2] * scale, latents.shape[3] * scale
     if max(height, width) > limits.max_side:
         raise invalid("decode.latents_npy", f"decodes to {width}x{height}, over the limit of {limits.max_side} a side")
+    _pixels("decode.latents_npy", width, height, limits)
     tile = decode.tile or config.decode_tile
     if tile <= 0 or tile % scale or tile > limits.max_side:
         raise invalid("decode.tile", f"must be a positive multiple of {scale} up to {limits.max_side} (got {tile})")
@@ -149,6 +166,23 @@ def validate_decode(decode: pb.DecodeSpec, config: FarmConfig, model_info: Model
         overlap=overlap,
     )
     return Decode(latents=latents, spec=spec, core=tile // scale, halo=overlap // scale)
+
+
+def _latents(npy: bytes) -> np.ndarray:
+    field, stream = "decode.latents_npy", io.BytesIO(npy)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, _, dtype = read_header[version](stream)
+    except Exception as error:  # numpy raises several types for a malformed header
+        raise invalid(field, f"is not a NumPy .npy array of format 1.0 or 2.0 ({error})") from None
+    if dtype.kind != "f" or len(shape) != 4 or shape[0] != 1 or 0 in shape:
+        raise invalid(field, f"must be a float array [1, C, h, w] (got {dtype} {shape})")
+    # numpy allocates the shape its header claims before reading: check the claim against the bytes sent.
+    data_bytes, claimed_bytes = len(npy) - stream.tell(), math.prod(shape) * dtype.itemsize
+    if data_bytes != claimed_bytes:
+        raise invalid(field, f"holds {data_bytes} bytes of data; its header's {dtype} {shape} needs {claimed_bytes}")
+    return np.load(io.BytesIO(npy), allow_pickle=False)
 
 
 def validate_upscale(upscale: pb.UpscaleSpec, config: FarmConfig, model_info: ModelLookup) -> Upscale:
@@ -187,6 +221,7 @@ def validate_upscale(upscale: pb.UpscaleSpec, config: FarmConfig, model_info: Mo
                 f"upscales to {width * UPSCALE_FACTOR}x{height * UPSCALE_FACTOR}; each side must be "
                 f"{TILE_MULTIPLE * UPSCALE_FACTOR} to {limits.max_side} pixels",
             )
+        _pixels(f"upscale.images[{i}]", width * UPSCALE_FACTOR, height * UPSCALE_FACTOR, limits)
         specs.append(UpscaledImageSpec(
             model=upscale.model, source_sha256=hashlib.sha256(data).hexdigest(), prompt=upscale.prompt,
             negative_prompt=upscale.negative_prompt, noise_level=noise_level, steps=steps, guidance_scale=guidance,
@@ -205,15 +240,16 @@ def _image_size(field: str, data: bytes) -> tuple[int, int]:
 
 
 def _prompts(sweep: pb.SweepSpec, limits: LimitsConfig) -> tuple[str, ...]:
-    if not sweep.prompts:
-        raise invalid("sweep.prompts", "must hold at least one prompt")
-    if len(sweep.prompts) > limits.max_prompts_per_job:
-        raise invalid("sweep.prompts", f"{len(sweep.prompts)} prompts is over the limit of {limits.max_prompts_per_job}")
     for i, prompt in enumerate(sweep.prompts):
         _text(f"sweep.prompts[{i}]", prompt, limits)
         if not prompt.strip():
             raise invalid(f"sweep.prompts[{i}]", "must not be blank")
     return tuple(sweep.prompts)
+
+
+def _pixels(field: str, width: int, height: int, limits: LimitsConfig) -> None:
+    if width * height > limits.max_pixels:
+        raise invalid(field, f"makes a {width}x{height} image, over the limit of {limits.max_pixels} pixels")
 
 
 def _text(field: str, text: str, limits: LimitsConfig) -> None:

@@ -6,12 +6,26 @@ DEFAULT_UPSCALER = "builtin:tiny-sd-x4-upscaler"
 
 # A 4K PNG is tens of MB, far over gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-CHANNEL_OPTIONS = (
+MESSAGE_SIZE_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
+# An event stream can carry nothing for minutes while a batch renders, and NATs
+# and load balancers drop idle connections without a word: pings keep it open,
+# and one unanswered for the timeout shows the farm is gone, so the stream resumes.
+KEEPALIVE_TIME_S = 20
+KEEPALIVE_TIMEOUT_S = 10
+CHANNEL_OPTIONS = MESSAGE_SIZE_OPTIONS + (
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    # Between calls too: a client's next call should not meet a connection that died meanwhile.
+    ("grpc.keepalive_permit_without_calls", 1),
+    # By default only 2 pings go out while no data does; a quiet stream needs them all.
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 # Unary calls are bookkeeping on the scheduler; anything slower is a dead farm.
+# Client(timeout=...) overrides it.
 UNARY_TIMEOUT_S = 30.0
 
 # A dropped event stream is resumed from the last sequence number seen, backing

@@ -205,9 +205,14 @@ def final_state(event: pb.JobEvent) -> JobState | None:
     return state if state.finished else None
 
 
-def translate(error: grpc.RpcError) -> RenderfarmError:
-    """The typed SDK exception for a gRPC error, keeping the server's message."""
+def translate(error: grpc.RpcError, timeout: float | None = None) -> RenderfarmError:
+    """The typed SDK exception for a gRPC error, keeping the server's message; `timeout`: the call's deadline."""
     code, message = error.code(), error.details() or str(error)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+        return FarmUnavailableError(
+            f"the farm did not answer within {timeout:g} s (DEADLINE_EXCEEDED); "
+            "it is unreachable or overloaded, or the call needs a longer timeout= on the client"
+        )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         metadata = dict(error.trailing_metadata() or ())
         return InvalidJobError(message, field=metadata.get(FIELD_METADATA_KEY))

@@ -19,9 +19,13 @@ from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
 class AsyncClient:
     """Like Client, for asyncio code. Use ``async with AsyncClient(...) as client``."""
 
-    def __init__(self, address: str | None = None, *, token: str | None = None):
+    def __init__(
+        self, address: str | None = None, *, token: str | None = None, timeout: float | None = UNARY_TIMEOUT_S
+    ):
+        """See Client."""
         self.address = address or os.environ.get("RENDERFARM_ADDRESS") or DEFAULT_ADDRESS
         self._metadata = _wire.metadata(token or os.environ.get("RENDERFARM_TOKEN"))
+        self._timeout = timeout
         self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = RenderFarmStub(self._channel)
 
@@ -36,9 +40,9 @@ class AsyncClient:
 
     async def _call(self, method, request):
         try:
-            return await method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata)
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise _wire.translate(error) from None
+            raise _wire.translate(error, self._timeout) from None
 
     async def sweep(
         self,

@@ -25,9 +25,16 @@ from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
 class Client:
     """A connection to a farm. ``address`` defaults to $RENDERFARM_ADDRESS, then localhost:50051."""
 
-    def __init__(self, address: str | None = None, *, token: str | None = None):
+    def __init__(
+        self, address: str | None = None, *, token: str | None = None, timeout: float | None = UNARY_TIMEOUT_S
+    ):
+        """`timeout`: seconds each unary call (submit, status, cancel, list) may take; None waits forever.
+
+        Event streams have no deadline; keepalive pings find a dead connection instead.
+        """
         self.address = address or os.environ.get("RENDERFARM_ADDRESS") or DEFAULT_ADDRESS
         self._metadata = _wire.metadata(token or os.environ.get("RENDERFARM_TOKEN"))
+        self._timeout = timeout
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = RenderFarmStub(self._channel)
 
@@ -42,9 +49,9 @@ class Client:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata)
+            return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise _wire.translate(error) from None
+            raise _wire.translate(error, self._timeout) from None
 
     def sweep(
         self,

@@ -1,14 +1,15 @@
 import math
+import uuid
 
 import pytest
 
 from renderfarm.cluster.config import LimitsConfig
 from renderfarm.cluster.model_info import ModelInfo
-from renderfarm.cluster.validate import validate_sweep
+from renderfarm.cluster.validate import check_id, validate_sweep
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 
-LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=200)
+LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=200, max_pixels=512 * 768)
 
 
 def model_info(model: str) -> ModelInfo:
@@ -50,6 +51,13 @@ BAD = [
     ("sweep.schedulers[0]", dict(schedulers=["k_lms_turbo"])),
     ("sweep.model", dict(model="builtin:nope")),
     ("sweep.model", dict(model="")),
+    ("sweep.model", dict(model="builtin:../tiny-sd")),
+    ("sweep.model", dict(model="../../etc/passwd")),
+    ("sweep.model", dict(model="/models/../../etc")),
+    ("sweep.model", dict(model="models\\tiny-sd")),
+    ("sweep.model", dict(model="builtin:tiny-sd\x00")),
+    ("sweep.model", dict(model="m" * 5000)),
+    ("sweep.sizes[0]", dict(sizes=[pb.Size(width=768, height=768)])),
     ("sweep", dict(prompts=["a"] * 10, seeds=list(range(101)))),
 ]
 
@@ -60,6 +68,31 @@ def test_bad_sweeps_name_the_field(field, sweep):
         validate_sweep(request(**sweep), LIMITS, model_info)
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
+
+
+def test_a_model_reference_that_names_a_place_is_still_accepted():
+    for model in ("builtin:tiny-sd", "org/name", "/srv/models/sd-1.5", "./models/sd", "~/models/sd..v2"):
+        assert validate_sweep(request(model=model), LIMITS, lambda _: model_info("builtin:tiny-sd")).model == model
+
+
+def test_the_image_count_is_checked_before_any_value_is_read():
+    # Every value here is bad, and 1000 ** 3 images: the count is what answers, from the axes' lengths alone.
+    huge = request(prompts=[""] * 1000, seeds=[-1] * 1000, guidance_scales=[math.nan] * 1000)
+    with pytest.raises(InvalidJobError, match="1000000000 images is over the limit") as raised:
+        validate_sweep(huge, LIMITS, model_info)
+    assert raised.value.field == "sweep"
+
+
+def test_ids_of_the_sdk_and_the_farm_are_safe():
+    check_id("request_id", uuid.uuid4().hex)
+    check_id("job_id", "same-request_2")
+
+
+@pytest.mark.parametrize("value", ["", "a" * 65, "../x", "a/b", "x y", "é", "a\x00"])
+def test_ids_are_short_and_safe(value):
+    with pytest.raises(InvalidJobError) as raised:
+        check_id("job_id", value)
+    assert raised.value.field == "job_id"
 
 
 def test_oversized_sweep_is_refused_before_the_model_is_resolved():

@@ -1,0 +1,145 @@
+"""The service's gRPC method handlers, parsing request bytes so that malformed ones are INVALID_ARGUMENT.
+
+grpc answers UNKNOWN when a deserializer raises, and protobuf rejects a whole
+message for one string field that is not UTF-8 without saying which. Here the
+deserializer hands such bytes on as an UnparsableRequest, naming the field
+found by walking the wire format, and the handler answers INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
+
+from renderfarm._constants import FIELD_METADATA_KEY
+from renderfarm.cluster.validate import invalid
+from renderfarm.errors import InvalidJobError
+from renderfarm.v1 import farm_pb2 as pb
+
+SERVICE_NAME = "renderfarm.v1.RenderFarm"
+
+# Protobuf wire types (https://protobuf.dev/programming-guides/encoding/).
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, field: str, message: str) -> None:
+    """Ends the call; the message names the field, and so does trailing metadata, for clients that branch on it."""
+    context.set_trailing_metadata(((FIELD_METADATA_KEY, field),))
+    await context.abort(code, message)
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, error: InvalidJobError) -> None:
+    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, error.field or "", str(error))
+
+
+class UnparsableRequest:
+    """Request bytes that protobuf refused, with the error to answer them with."""
+
+    def __init__(self, error: InvalidJobError):
+        self.error = error
+
+
+def request_parser(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            if field := bad_utf8_field(message_class.DESCRIPTOR, data):
+                return UnparsableRequest(invalid(field, "is not valid UTF-8"))
+            return UnparsableRequest(invalid("request", f"is not a {message_class.DESCRIPTOR.full_name} ({error})"))
+
+    return parse
+
+
+def bad_utf8_field(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:
+    """The path of the first string field of `data` that is not UTF-8, e.g. "sweep.prompts[1]"; None if none is."""
+    elements: Counter[int] = Counter()
+    position = 0
+    try:
+        while position < len(data):
+            key, position = _varint(data, position)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == VARINT:
+                _, position = _varint(data, position)
+            elif wire_type == I64:
+                position += 8
+            elif wire_type == I32:
+                position += 4
+            elif wire_type == LEN:
+                length, position = _varint(data, position)
+                value, position = data[position : position + length], position + length
+                field = descriptor.fields_by_number.get(number)
+                if field is None or field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+                    continue  # bytes, packed numbers, or a field this server does not know
+                path = prefix + field.name
+                if field.is_repeated:
+                    path += f"[{elements[number]}]"
+                    elements[number] += 1
+                if field.type == FieldDescriptor.TYPE_MESSAGE:
+                    if found := bad_utf8_field(field.message_type, value, path + "."):
+                        return found
+                elif not _is_utf8(value):
+                    return path
+            else:
+                return None  # groups are not proto3: these bytes are not a message of ours
+    except IndexError:
+        return None  # truncated: the fault is not one field's
+    return None
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, position
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def service_handler(servicer) -> grpc.GenericRpcHandler:
+    """The RenderFarm methods of `servicer`, each answering unparsable requests INVALID_ARGUMENT first."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["RenderFarm"].methods:
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            make_handler, behaviour = grpc.unary_stream_rpc_method_handler, _checked_stream(behaviour)
+        else:
+            make_handler, behaviour = grpc.unary_unary_rpc_method_handler, _checked_unary(behaviour)
+        handlers[method.name] = make_handler(
+            behaviour,
+            request_deserializer=request_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _checked_unary(behaviour):
+    async def unary(request, context):
+        if isinstance(request, UnparsableRequest):
+            await abort_invalid(context, request.error)
+        return await behaviour(request, context)
+
+    return unary
+
+
+def _checked_stream(behaviour):
+    async def stream(request, context):
+        if isinstance(request, UnparsableRequest):
+            await abort_invalid(context, request.error)
+        async for response in behaviour(request, context):
+            yield response
+
+    return stream

@@ -1,0 +1,331 @@
+"""A corpus of bad requests sent through raw gRPC (DESIGN.md invariant 5).
+
+Each gets its status code and a message naming the field (also in trailing
+metadata); none creates a job; the farm keeps serving. Raw stubs, not the
+SDK: the SDK refuses some of these before they are sent.
+"""
+
+import io
+import math
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from renderfarm._constants import CHANNEL_OPTIONS, FIELD_METADATA_KEY
+from renderfarm.cluster.config import LimitsConfig
+from renderfarm.v1 import farm_pb2 as pb
+from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
+
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+UNKNOWN_JOB = "0123456789abcdef"
+# Stands in a string field of a request, to be swapped for bytes that are not UTF-8.
+MARKER = "MARKER"
+
+
+def sweep(**fields) -> pb.SubmitJobRequest:
+    fields = {
+        "model": "builtin:tiny-sd",
+        "prompts": ["a red fox"],
+        "steps": [1],
+        "sizes": [pb.Size(width=64, height=64)],
+        **fields,
+    }
+    return pb.SubmitJobRequest(sweep=pb.SweepSpec(**fields))
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode(**fields) -> pb.SubmitJobRequest:
+    fields = {"model": "builtin:tiny-sd", "latents_npy": npy(np.zeros((1, 4, 8, 8), np.float32)), **fields}
+    return pb.SubmitJobRequest(decode=pb.DecodeSpec(**fields))
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upscale(**fields) -> pb.SubmitJobRequest:
+    fields = {"model": "builtin:tiny-sd-x4-upscaler", "images": [png(32, 32)], "steps": 1, **fields}
+    return pb.SubmitJobRequest(upscale=pb.UpscaleSpec(**fields))
+
+
+def not_utf8(message) -> bytes:
+    """The serialized message with MARKER's bytes patched to ones that are not UTF-8 (same length, so still framed)."""
+    data = message.SerializeToString()
+    assert data.count(MARKER.encode()) == 1
+    return data.replace(MARKER.encode(), b"\xc3\x28\xff\xfe\x80\x80")
+
+
+def npy_claiming_64_gib() -> bytes:
+    """A well-formed .npy header for a float32 [1, 4, 65536, 65536] array, then 256 bytes of data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f4", "fortran_order": False, "shape": (1, 4, 65536, 65536)}
+    )
+    return buffer.getvalue() + bytes(256)
+
+
+# (id, method, request: a message or raw bytes, code, field)
+CORPUS = [
+    ("no-job-kind", "SubmitJob", pb.SubmitJobRequest(request_id="no-kind"), INVALID, "kind"),
+    ("empty-prompt-list", "SubmitJob", sweep(prompts=[]), INVALID, "sweep.prompts"),
+    ("empty-prompt", "SubmitJob", sweep(prompts=[""]), INVALID, "sweep.prompts[0]"),
+    ("blank-second-prompt", "SubmitJob", sweep(prompts=["a fox", " \t "]), INVALID, "sweep.prompts[1]"),
+    ("100kb-prompt", "SubmitJob", sweep(prompts=["x" * 100_000]), INVALID, "sweep.prompts[0]"),
+    ("100kb-negative-prompt", "SubmitJob", sweep(negative_prompt="x" * 100_000), INVALID, "sweep.negative_prompt"),
+    ("nul-in-prompt", "SubmitJob", sweep(prompts=["a\x00fox"]), INVALID, "sweep.prompts[0]"),
+    ("bad-utf8-prompt", "SubmitJob", not_utf8(sweep(prompts=["a fox", MARKER])), INVALID, "sweep.prompts[1]"),
+    ("bad-utf8-negative", "SubmitJob", not_utf8(sweep(negative_prompt=MARKER)), INVALID, "sweep.negative_prompt"),
+    ("bad-utf8-model", "SubmitJob", not_utf8(sweep(model=MARKER)), INVALID, "sweep.model"),
+    ("bad-utf8-scheduler", "SubmitJob", not_utf8(sweep(schedulers=[MARKER])), INVALID, "sweep.schedulers[0]"),
+    (
+        "bad-utf8-request-id",
+        "SubmitJob",
+        not_utf8(pb.SubmitJobRequest(request_id=MARKER, sweep=sweep().sweep)),
+        INVALID,
+        "request_id",
+    ),
+    ("bad-utf8-upscale-prompt", "SubmitJob", not_utf8(upscale(prompt=MARKER)), INVALID, "upscale.prompt"),
+    ("bad-utf8-job-id", "GetJob", not_utf8(pb.GetJobRequest(job_id=MARKER)), INVALID, "job_id"),
+    ("truncated-protobuf", "SubmitJob", sweep(prompts=["a red fox"]).SerializeToString()[:-4], INVALID, "request"),
+    ("nan-guidance", "SubmitJob", sweep(guidance_scales=[math.nan]), INVALID, "sweep.guidance_scales[0]"),
+    ("inf-guidance", "SubmitJob", sweep(guidance_scales=[7.5, math.inf]), INVALID, "sweep.guidance_scales[1]"),
+    ("minus-inf-guidance", "SubmitJob", sweep(guidance_scales=[-math.inf]), INVALID, "sweep.guidance_scales[0]"),
+    ("negative-guidance", "SubmitJob", sweep(guidance_scales=[-0.5]), INVALID, "sweep.guidance_scales[0]"),
+    ("width-0", "SubmitJob", sweep(sizes=[pb.Size(width=0, height=64)]), INVALID, "sweep.sizes[0].width"),
+    ("width-10^6", "SubmitJob", sweep(sizes=[pb.Size(width=10**6, height=64)]), INVALID, "sweep.sizes[0].width"),
+    (
+        "width-not-multiple-of-8",
+        "SubmitJob",
+        sweep(sizes=[pb.Size(width=100, height=64)]),
+        INVALID,
+        "sweep.sizes[0].width",
+    ),
+    ("negative-height", "SubmitJob", sweep(sizes=[pb.Size(width=64, height=-64)]), INVALID, "sweep.sizes[0].height"),
+    ("negative-seed", "SubmitJob", sweep(seeds=[-1]), INVALID, "sweep.seeds[0]"),
+    ("seed-2^53", "SubmitJob", sweep(seeds=[0, 2**53]), INVALID, "sweep.seeds[1]"),
+    # 2**63 does not fit an int64: on the wire it is the varint that int64 reads as -2**63.
+    ("seed-2^63", "SubmitJob", sweep(seeds=[-(2**63)]), INVALID, "sweep.seeds[0]"),
+    ("steps-0", "SubmitJob", sweep(steps=[0]), INVALID, "sweep.steps[0]"),
+    ("steps-10^6", "SubmitJob", sweep(steps=[10**6]), INVALID, "sweep.steps[0]"),
+    (
+        "10^9-image-sweep",
+        "SubmitJob",
+        sweep(
+            prompts=[f"p{i}" for i in range(1000)],
+            seeds=range(1000),
+            guidance_scales=[1 + i / 1000 for i in range(1000)],
+        ),
+        INVALID,
+        "sweep",
+    ),  # fmt: skip
+    ("unknown-model", "SubmitJob", sweep(model="builtin:no-such-model"), INVALID, "sweep.model"),
+    ("missing-model-dir", "SubmitJob", sweep(model="/nonexistent/sd-1.5"), INVALID, "sweep.model"),
+    ("empty-model", "SubmitJob", sweep(model=""), INVALID, "sweep.model"),
+    ("unknown-scheduler", "SubmitJob", sweep(schedulers=["k_turbo"]), INVALID, "sweep.schedulers[0]"),
+    ("builtin-dotdot", "SubmitJob", sweep(model="builtin:../tiny-sd"), INVALID, "sweep.model"),
+    ("builtin-slash", "SubmitJob", sweep(model="builtin:tiny-sd/unet"), INVALID, "sweep.model"),
+    ("relative-dotdot-model", "SubmitJob", sweep(model="../../etc/passwd"), INVALID, "sweep.model"),
+    ("absolute-dotdot-model", "SubmitJob", sweep(model="/srv/models/../../etc"), INVALID, "sweep.model"),
+    ("backslash-model", "SubmitJob", sweep(model="..\\..\\windows\\system32"), INVALID, "sweep.model"),
+    ("nul-in-model", "SubmitJob", sweep(model="builtin:tiny-sd\x00.png"), INVALID, "sweep.model"),
+    ("100kb-model", "SubmitJob", sweep(model="m" * 100_000), INVALID, "sweep.model"),
+    (
+        "dotdot-request-id",
+        "SubmitJob",
+        pb.SubmitJobRequest(request_id="../x", sweep=sweep().sweep),
+        INVALID,
+        "request_id",
+    ),
+    (
+        "long-request-id",
+        "SubmitJob",
+        pb.SubmitJobRequest(request_id="r" * 65, sweep=sweep().sweep),
+        INVALID,
+        "request_id",
+    ),
+    ("decode-garbage", "SubmitJob", decode(latents_npy=b"\x93NUMPY garbage"), INVALID, "decode.latents_npy"),
+    ("decode-empty", "SubmitJob", decode(latents_npy=b""), INVALID, "decode.latents_npy"),
+    (
+        "decode-wrong-rank",
+        "SubmitJob",
+        decode(latents_npy=npy(np.zeros((4, 8, 8), np.float32))),
+        INVALID,
+        "decode.latents_npy",
+    ),
+    (
+        "decode-int-latents",
+        "SubmitJob",
+        decode(latents_npy=npy(np.zeros((1, 4, 8, 8), np.int32))),
+        INVALID,
+        "decode.latents_npy",
+    ),
+    (
+        "decode-nan-latents",
+        "SubmitJob",
+        decode(latents_npy=npy(np.full((1, 4, 8, 8), np.nan, np.float32))),
+        INVALID,
+        "decode.latents_npy",
+    ),
+    (
+        "decode-wrong-channels",
+        "SubmitJob",
+        decode(latents_npy=npy(np.zeros((1, 3, 8, 8), np.float32))),
+        INVALID,
+        "decode.latents_npy",
+    ),
+    (
+        "decode-header-claims-64gb",
+        "SubmitJob",
+        decode(latents_npy=npy_claiming_64_gib()),
+        INVALID,
+        "decode.latents_npy",
+    ),
+    ("decode-dotdot-model", "SubmitJob", decode(model="builtin:../../x"), INVALID, "decode.model"),
+    ("upscale-not-an-image", "SubmitJob", upscale(images=[b"GIF89a but not really"]), INVALID, "upscale.images[0]"),
+    ("upscale-no-images", "SubmitJob", upscale(images=[]), INVALID, "upscale.images"),
+    ("upscale-noise-level-351", "SubmitJob", upscale(noise_level=351), INVALID, "upscale.noise_level"),
+    ("upscale-negative-noise", "SubmitJob", upscale(noise_level=-1), INVALID, "upscale.noise_level"),
+    ("upscale-with-a-txt2img-model", "SubmitJob", upscale(model="builtin:tiny-sd"), INVALID, "upscale.model"),
+    ("upscale-negative-seed", "SubmitJob", upscale(seed=-5), INVALID, "upscale.seed"),
+    ("get-unknown-job", "GetJob", pb.GetJobRequest(job_id=UNKNOWN_JOB), NOT_FOUND, "job_id"),
+    ("cancel-unknown-job", "CancelJob", pb.CancelJobRequest(job_id=UNKNOWN_JOB), NOT_FOUND, "job_id"),
+    ("stream-unknown-job", "StreamJobEvents", pb.StreamJobEventsRequest(job_id=UNKNOWN_JOB), NOT_FOUND, "job_id"),
+    ("get-empty-job-id", "GetJob", pb.GetJobRequest(job_id=""), INVALID, "job_id"),
+    ("get-dotdot-job-id", "GetJob", pb.GetJobRequest(job_id="../../etc/passwd"), INVALID, "job_id"),
+    ("cancel-slash-job-id", "CancelJob", pb.CancelJobRequest(job_id="a/b"), INVALID, "job_id"),
+    ("stream-100kb-job-id", "StreamJobEvents", pb.StreamJobEventsRequest(job_id="j" * 100_000), INVALID, "job_id"),
+]
+
+
+@pytest.fixture(scope="module")
+def channel(start_farm):
+    with grpc.insecure_channel(start_farm().address, options=CHANNEL_OPTIONS) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return RenderFarmStub(channel)
+
+
+def run_to_end(stub, request) -> pb.Job:
+    job = stub.SubmitJob(request).job
+    events = list(stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id, omit_images=True)))
+    assert events[-1].state == pb.JOB_STATE_SUCCEEDED, events[-1]
+    return job
+
+
+@pytest.fixture(scope="module")
+def finished_job(stub) -> pb.Job:
+    return run_to_end(stub, sweep())
+
+
+def send(channel, method: str, request):
+    """Calls METHOD with the request as given: raw bytes go out untouched (no serializer)."""
+    path = f"/renderfarm.v1.RenderFarm/{method}"
+    data = request if isinstance(request, bytes) else request.SerializeToString()
+    if method == "StreamJobEvents":
+        return list(channel.unary_stream(path)(data, timeout=30))
+    return channel.unary_unary(path)(data, timeout=30)
+
+
+def job_ids(stub) -> set[str]:
+    return {job.id for job in stub.ListJobs(pb.ListJobsRequest()).jobs}
+
+
+def assert_refused(error: grpc.RpcError, code: grpc.StatusCode, field: str) -> None:
+    assert error.code() == code, error.details()
+    assert error.details().startswith(f"{field}: "), error.details()
+    assert (FIELD_METADATA_KEY, field) in error.trailing_metadata()
+
+
+@pytest.mark.parametrize(
+    "method, request_, code, field", [case[1:] for case in CORPUS], ids=[case[0] for case in CORPUS]
+)
+def test_a_bad_request_gets_its_code_naming_the_field_and_creates_nothing(
+    channel, stub, finished_job, method, request_, code, field
+):
+    jobs_before = job_ids(stub)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        send(channel, method, request_)
+    # Refusing never renders, nor expands a sweep's product.
+    assert time.monotonic() - started < 10
+    assert_refused(raised.value, code, field)
+    assert job_ids(stub) == jobs_before
+    assert stub.GetJob(pb.GetJobRequest(job_id=finished_job.id)).job.state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_the_corpus_is_at_least_30_distinct_requests():
+    assert len({case[0] for case in CORPUS}) == len(CORPUS) >= 30
+
+
+def test_cancelling_a_finished_job_is_a_failed_precondition(stub, finished_job):
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.CancelJob(pb.CancelJobRequest(job_id=finished_job.id))
+    assert_refused(raised.value, grpc.StatusCode.FAILED_PRECONDITION, "job_id")
+    assert "already ended succeeded" in raised.value.details()
+
+
+def test_after_the_whole_corpus_the_farm_renders(channel, stub):
+    for _, method, request_, _, _ in CORPUS:
+        with pytest.raises(grpc.RpcError):
+            send(channel, method, request_)
+    run_to_end(stub, sweep(seeds=[0, 1]))
+
+
+SMALL_LIMITS = LimitsConfig(max_images_per_job=4, max_prompt_chars=50, max_pixels=96 * 96, max_concurrent_jobs=1)
+
+
+@pytest.fixture(scope="module")
+def small_stub(start_farm):
+    with grpc.insecure_channel(start_farm(limits=SMALL_LIMITS).address, options=CHANNEL_OPTIONS) as channel:
+        yield RenderFarmStub(channel)
+
+
+OVER_LIMITS = [
+    ("sweep-images", sweep(seeds=range(5)), "sweep"),
+    ("upscale-images", upscale(images=[png(32, 32)] * 5), "upscale.images"),
+    ("prompt-chars", sweep(prompts=["x" * 51]), "sweep.prompts[0]"),
+    ("sweep-pixels", sweep(sizes=[pb.Size(width=128, height=128)]), "sweep.sizes[0]"),
+    ("decode-pixels", decode(latents_npy=npy(np.zeros((1, 4, 16, 16), np.float32))), "decode.latents_npy"),
+    ("upscale-pixels", upscale(images=[png(32, 32)]), "upscale.images[0]"),
+]
+
+
+@pytest.mark.parametrize("request_, field", [case[1:] for case in OVER_LIMITS], ids=[case[0] for case in OVER_LIMITS])
+def test_a_job_over_a_per_job_limit_is_invalid_naming_the_field(small_stub, request_, field):
+    jobs_before = job_ids(small_stub)
+    with pytest.raises(grpc.RpcError) as raised:
+        small_stub.SubmitJob(request_)
+    assert_refused(raised.value, grpc.StatusCode.INVALID_ARGUMENT, field)
+    assert "over the limit" in raised.value.details()
+    assert job_ids(small_stub) == jobs_before
+
+
+def test_a_job_over_max_concurrent_jobs_is_resource_exhausted_until_one_ends(small_stub):
+    long_job = pb.SubmitJobRequest(request_id="long-job", sweep=sweep(seeds=range(4), steps=[100]).sweep)
+    running = small_stub.SubmitJob(long_job).job
+    jobs_before = job_ids(small_stub)
+    with pytest.raises(grpc.RpcError) as raised:
+        small_stub.SubmitJob(sweep())
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1 jobs are queued or running, the farm's limit (max_concurrent_jobs = 1)" in raised.value.details()
+    assert job_ids(small_stub) == jobs_before
+    # Resubmitting the running job is not a new job, so the limit does not refuse it.
+    assert small_stub.SubmitJob(long_job).job.id == running.id
+
+    small_stub.CancelJob(pb.CancelJobRequest(job_id=running.id))
+    events = small_stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=running.id, omit_images=True))
+    assert list(events)[-1].state == pb.JOB_STATE_CANCELLED
+    run_to_end(small_stub, sweep())
