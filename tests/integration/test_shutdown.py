@@ -51,7 +51,8 @@ def test_stopping_reports_not_serving_while_in_flight_items_drain(ray_session, f
             assert "shutting down" in raised.value.details()
             # The stream ends UNAVAILABLE, for the client to resume from the next scheduler.
             with pytest.raises(grpc.RpcError) as ended:
-                seen += [event for event in events]
+                for event in events:
+                    seen.append(event)
             assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         if stopper.ident is None:  # failed before stopping it
