@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 
 import ray
 
@@ -17,8 +18,15 @@ from renderfarm._wire import JobState
 from renderfarm.actors import stages
 from renderfarm.actors.tiles import plan_tiles
 from renderfarm.actors.txt2img import DenoiseBatch, DenoiseItem
+from renderfarm.actors.upscale_x4 import tile_windows
 from renderfarm.cluster.config import FarmConfig, PoolConfig
-from renderfarm.cluster.constants import BATCHES_IN_FLIGHT_PER_DENOISER, REPLICAS_READY_TIMEOUT_S
+from renderfarm.cluster.constants import (
+    BATCHES_IN_FLIGHT_PER_DENOISER,
+    EXCHANGE_JOIN_TIMEOUT_S,
+    EXCHANGE_ROUND_TIMEOUT_S,
+    REPLICAS_READY_TIMEOUT_S,
+    UPSCALE_FACTOR,
+)
 from renderfarm.cluster.jobs import JobRecord
 from renderfarm.cluster.model_info import model_info
 from renderfarm.cluster.planner import Decode, Sweep, Upscale, batches
@@ -55,7 +63,9 @@ class Dispatcher:
         self._encoders = Pool(stages.TextEncoder, config.encoders, cache)
         self._denoisers = Pool(stages.Denoiser, config.denoisers, cache)
         self._decoders = Pool(stages.Decoder, config.decoders, cache)
-        self._upscalers: Pool | None = None  # started by the first upscale job
+        # Started by the first upscale job.
+        self._upscalers: Pool | None = None
+        self._exchange = None
         # Shared by all jobs: batches beyond this wait before being dispatched.
         self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT_PER_DENOISER * config.denoisers.replicas)
 
@@ -73,6 +83,8 @@ class Dispatcher:
         for pool in (self._encoders, self._denoisers, self._decoders, self._upscalers):
             if pool is not None:
                 pool.kill()
+        if self._exchange is not None:
+            ray.kill(self._exchange)
 
     async def run(self, job: JobRecord) -> None:
         """Renders every image of the job; ends it SUCCEEDED, FAILED or CANCELLED."""
@@ -115,9 +127,13 @@ class Dispatcher:
             png = await self._tiled_decode(decode.spec.model, latents, 0, decode.spec, decode.core, decode.halo)
             await self._store_result(job, decode.spec, png)
 
-    async def _upscale(self, job: JobRecord, upscale: Upscale) -> None:
+    def _start_upscalers(self) -> None:
         if self._upscalers is None:
             self._upscalers = Pool(stages.Upscaler, self._config.upscalers, str(self._config.model_cache_dir))
+            self._exchange = stages.WindowExchange.remote(EXCHANGE_JOIN_TIMEOUT_S, EXCHANGE_ROUND_TIMEOUT_S)
+
+    async def _upscale(self, job: JobRecord, upscale: Upscale) -> None:
+        self._start_upscalers()
         tasks = [asyncio.create_task(self._upscale_one(job, image, spec)) for image, spec in zip(upscale.images, upscale.specs)]
         try:
             await asyncio.gather(*tasks)
@@ -133,9 +149,36 @@ class Dispatcher:
             embeds = [self._encoders.next().encode.remote(spec.model, spec.prompt)]
             if spec.guidance_scale > 1:
                 embeds.append(self._encoders.next().encode.remote(spec.model, spec.negative_prompt))
-            latents = self._upscalers.next().upscale.remote(spec.model, image, spec, *embeds)
+            latents = await self._upscale_latents(image, spec, embeds)
             png = await self._decode_latents(spec.model, latents, spec)
             await self._store_result(job, spec, png)
+
+    async def _upscale_latents(self, image, spec: UpscaledImageSpec, embeds: list) -> ray.ObjectRef:
+        """The final latents of one image, its UNet windows spread over up to every upscaler replica."""
+        alignment = model_info(spec.model, self._config.model_cache_dir).unet_alignment
+        windows = tile_windows(spec.height // UPSCALE_FACTOR, spec.width // UPSCALE_FACTOR, spec.tile, alignment)
+        parties = min(len(self._upscalers.actors), len(windows))
+        if parties == 1:
+            return self._upscalers.next().upscale.remote(spec.model, image, spec, *embeds)
+        session = uuid.uuid4().hex
+        # A replica runs one call at a time, in the order the scheduler submitted them. All parts of an
+        # image are submitted in this one loop, with no await in between, so every replica runs the
+        # parts of spread images in the same order, and two spread images never wait on each other.
+        parts = [
+            self._upscalers.next().upscale_part.options(num_returns=2).remote(
+                spec.model, image, spec, *embeds, spread=stages.Spread(self._exchange, session, rank, parties)
+            )
+            for rank in range(parties)
+        ]
+        ends = [asyncio.ensure_future(end) for _, end in parts]
+        done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_EXCEPTION)
+        if failed := [end.exception() for end in done if end.exception()]:
+            # Releases the parties still waiting for the failed one.
+            self._exchange.abort.remote(session, f"{type(failed[0]).__name__}: {failed[0]}")
+            await asyncio.gather(*ends, return_exceptions=True)
+            raise failed[0]
+        self._exchange.close.remote(session)
+        return parts[0][0]
 
     def _tiled(self, spec) -> bool:
         return spec.width * spec.height > self._config.tiled_decode_above_pixels
