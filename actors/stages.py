@@ -6,6 +6,7 @@ a call names, keeping the most recently used few loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 from collections import OrderedDict
@@ -111,6 +112,11 @@ class DecoderStage(_Stage):
         images = txt2img.decode(vae, latents)
         return [encode_png(image, spec) for image, spec in zip(images, specs, strict=True)]
 
+    def decode_apart(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> tuple:
+        """decode()'s PNGs, each an object of its own, then their SHA-256 digests; call with num_returns=len(specs)+1."""
+        pngs = self.decode(model, latents, specs)
+        return (*pngs, [hashlib.sha256(png).hexdigest() for png in pngs])
+
     # The tiled decode, one step per call; the dispatcher drives the steps across replicas.
     def tiled_prepare(self, model: str, latents, item: int, tiles: list[Tile]):
         """Returns each tile's input state, then the first norm's sums (call with num_returns=len(tiles)+1)."""
@@ -145,6 +151,14 @@ class Spread:
 
 
 class UpscalerStage(_Stage):
+    def __init__(self, model_cache_dir: str):
+        super().__init__(model_cache_dir)
+        self.parts_run = 0
+
+    def part_count(self) -> int:
+        """Shares of spread images this replica has run."""
+        return self.parts_run
+
     def _load(self, model_dir: Path):
         from diffusers import UNet2DConditionModel
 
@@ -169,6 +183,7 @@ class UpscalerStage(_Stage):
         marker that the scheduler awaits to learn that the part ended, without pulling latents.
         """
         latents = self._upscale(model, image, spec, embeds, self._share(spread))
+        self.parts_run += 1
         return (latents if spread.rank == 0 else None), True
 
     def _upscale(self, model: str, image: bytes, spec, embeds, share: upscale_x4.Share) -> torch.Tensor:

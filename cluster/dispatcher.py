@@ -29,7 +29,7 @@ from renderfarm.cluster.constants import (
 )
 from renderfarm.cluster.jobs import JobRecord
 from renderfarm.cluster.model_info import model_info
-from renderfarm.cluster.planner import Decode, Sweep, Upscale, batches
+from renderfarm.cluster.planner import Decode, Sweep, Upscale, UpscaleSettings, batches
 from renderfarm.cluster.results import LocalResultStore
 from renderfarm.spec import ImageSpec, UpscaledImageSpec
 
@@ -103,7 +103,9 @@ class Dispatcher:
         job.finish(JobState.CANCELLED if job.cancel_requested else JobState.SUCCEEDED)
 
     async def _sweep(self, job: JobRecord, sweep: Sweep) -> None:
-        embeddings: dict[str, ray.ObjectRef] = {}
+        if sweep.upscale is not None:
+            self._start_upscalers()
+        embeddings: dict[tuple[str, str], ray.ObjectRef] = {}
         in_flight: set[asyncio.Task] = set()
         try:
             for batch in batches(sweep.specs(), self._config.max_batch):
@@ -111,7 +113,7 @@ class Dispatcher:
                 if job.cancel_requested:
                     self._slots.release()
                     break
-                task = asyncio.create_task(self._render(job, batch, embeddings))
+                task = asyncio.create_task(self._render(job, batch, embeddings, sweep.upscale))
                 task.add_done_callback(lambda _: self._slots.release())
                 in_flight.add(task)
                 in_flight = await _reap(in_flight)
@@ -134,7 +136,11 @@ class Dispatcher:
 
     async def _upscale(self, job: JobRecord, upscale: Upscale) -> None:
         self._start_upscalers()
-        tasks = [asyncio.create_task(self._upscale_one(job, image, spec)) for image, spec in zip(upscale.images, upscale.specs)]
+        embeddings: dict[tuple[str, str], ray.ObjectRef] = {}
+        tasks = [
+            asyncio.create_task(self._upscale_one(job, image, spec, embeddings))
+            for image, spec in zip(upscale.images, upscale.specs)
+        ]
         try:
             await asyncio.gather(*tasks)
         except Exception:
@@ -142,16 +148,25 @@ class Dispatcher:
                 task.cancel()
             raise
 
-    async def _upscale_one(self, job: JobRecord, image: bytes, spec: UpscaledImageSpec) -> None:
+    async def _upscale_one(self, job: JobRecord, image: bytes, spec: UpscaledImageSpec, embeddings: dict) -> None:
         async with self._slots:
-            if job.cancel_requested:
-                return
-            embeds = [self._encoders.next().encode.remote(spec.model, spec.prompt)]
-            if spec.guidance_scale > 1:
-                embeds.append(self._encoders.next().encode.remote(spec.model, spec.negative_prompt))
-            latents = await self._upscale_latents(image, spec, embeds)
-            png = await self._decode_latents(spec.model, latents, spec)
-            await self._store_result(job, spec, png)
+            if not job.cancel_requested:
+                await self._upscale_image(job, image, spec, embeddings)
+
+    async def _upscale_image(self, job: JobRecord, image, spec: UpscaledImageSpec, embeddings: dict) -> None:
+        """Upscales one image (encoded bytes, or a ref to them) and stores the 4x PNG."""
+        embeds = [self._embedding(embeddings, spec.model, spec.prompt)]
+        if spec.guidance_scale > 1:
+            embeds.append(self._embedding(embeddings, spec.model, spec.negative_prompt))
+        latents = await self._upscale_latents(image, spec, embeds)
+        png = await self._decode_latents(spec.model, latents, spec)
+        await self._store_result(job, spec, png)
+
+    def _embedding(self, embeddings: dict, model: str, text: str) -> ray.ObjectRef:
+        """Each unique text of a job is encoded once per model; its ref serves every image that uses it."""
+        if (model, text) not in embeddings:
+            embeddings[model, text] = self._encoders.next().encode.remote(model, text)
+        return embeddings[model, text]
 
     async def _upscale_latents(self, image, spec: UpscaledImageSpec, embeds: list) -> ray.ObjectRef:
         """The final latents of one image, its UNet windows spread over up to every upscaler replica."""
@@ -218,13 +233,9 @@ class Dispatcher:
                 sums = sum(await asyncio.gather(*(tile_sums for _, tile_sums in calls)))
         return await self._decoders.next().tiled_assemble.remote(tiles, spec, *states)
 
-    async def _render(self, job: JobRecord, batch: list[ImageSpec], embeddings: dict) -> None:
-        def embedding(text: str) -> ray.ObjectRef:
-            # Each unique text of a job is encoded once; its ref serves every seed and setting.
-            if text not in embeddings:
-                embeddings[text] = self._encoders.next().encode.remote(model, text)
-            return embeddings[text]
-
+    async def _render(
+        self, job: JobRecord, batch: list[ImageSpec], embeddings: dict, upscale: UpscaleSettings | None
+    ) -> None:
         first, model = batch[0], batch[0].model
         denoise_batch = DenoiseBatch(
             width=first.width,
@@ -233,10 +244,13 @@ class Dispatcher:
             scheduler=first.scheduler,
             items=tuple(DenoiseItem(seed=s.seed, guidance_scale=s.guidance_scale) for s in batch),
         )
-        embeds = [embedding(s.prompt) for s in batch]
+        embeds = [self._embedding(embeddings, model, s.prompt) for s in batch]
         if denoise_batch.guided:
-            embeds += [embedding(s.negative_prompt) for s in batch]
+            embeds += [self._embedding(embeddings, model, s.negative_prompt) for s in batch]
         latents = self._denoisers.next().denoise.remote(model, denoise_batch, *embeds)
+        if upscale is not None:
+            await self._upscale_sweep_images(job, batch, latents, upscale, embeddings)
+            return
         if self._tiled(first):
             for item, spec in enumerate(batch):
                 await self._store_result(job, spec, await self._decode_latents(model, latents, spec, item))
@@ -244,6 +258,18 @@ class Dispatcher:
         pngs = await self._decoders.next().decode.remote(model, latents, batch)
         for spec, png in zip(batch, pngs, strict=True):
             await self._store_result(job, spec, png)
+
+
+    async def _upscale_sweep_images(
+        self, job: JobRecord, batch: list[ImageSpec], latents, upscale: UpscaleSettings, embeddings: dict
+    ) -> None:
+        """Sends each image of a denoised batch on through the x4 upscaler; only the 4x images are results."""
+        # Each PNG is an object of its own that goes to the upscaler by ref, never through the scheduler.
+        *pngs, digests = self._decoders.next().decode_apart.options(num_returns=len(batch) + 1).remote(
+            batch[0].model, latents, batch
+        )
+        specs = [upscale.chained(spec, digest) for spec, digest in zip(batch, await digests, strict=True)]
+        await asyncio.gather(*(self._upscale_image(job, png, spec, embeddings) for png, spec in zip(pngs, specs)))
 
 
 async def _reap(tasks: set[asyncio.Task]) -> set[asyncio.Task]:

@@ -31,7 +31,8 @@ def result_to_pb(spec: AnySpec, name: str) -> pb.ImageResult:
     if isinstance(spec, DecodedImageSpec):
         return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name)
     if isinstance(spec, UpscaledImageSpec):
-        return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**vars(spec)), name=name)
+        fields = vars(spec) | {"source": None if spec.source is None else pb.ImageSpec(**vars(spec.source))}
+        return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**fields), name=name)
     return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name)
 
 

@@ -1,10 +1,12 @@
 import math
+from pathlib import Path
 
 import pytest
 
-from renderfarm.cluster.config import LimitsConfig
+from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.model_info import ModelInfo
-from renderfarm.cluster.validate import validate_sweep
+from renderfarm.cluster.planner import UpscaleSettings
+from renderfarm.cluster.validate import validate, validate_sweep
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 
@@ -12,11 +14,16 @@ LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=2
 
 
 def model_info(model: str) -> ModelInfo:
+    if model == "builtin:tiny-sd-x4-upscaler":
+        return ModelInfo(
+            width=128, height=128, scheduler="ddim", vae_scale_factor=4, latent_channels=4, decode_segments=7,
+            decode_halo=5, is_upscaler=True, max_noise_level=350, unet_alignment=4,
+        )  # fmt: skip
     if model != "builtin:tiny-sd":
         raise ValueError(f"unknown model {model!r}")
     return ModelInfo(
         width=128, height=128, scheduler="pndm", vae_scale_factor=8, latent_channels=4, decode_segments=17, decode_halo=9,
-        is_upscaler=False, max_noise_level=0,
+        is_upscaler=False, max_noise_level=0, unet_alignment=4,
     )
 
 
@@ -68,3 +75,38 @@ def test_oversized_sweep_is_refused_before_the_model_is_resolved():
 
     with pytest.raises(InvalidJobError, match="over the limit"):
         validate_sweep(request(seeds=list(range(2000))), LIMITS, must_not_resolve)
+
+
+CONFIG = FarmConfig(output_dir=Path("out"), model_cache_dir=Path("models"), state_dir=Path("state"), limits=LIMITS)
+
+
+def chained(**sweep) -> pb.SubmitJobRequest:
+    return pb.SubmitJobRequest(sweep=request(**{"upscale": 4, "upscale_model": "builtin:tiny-sd-x4-upscaler"} | sweep))
+
+
+def test_a_chained_upscale_takes_the_upscale_jobs_defaults():
+    assert validate(chained(), CONFIG, model_info).upscale == UpscaleSettings(
+        model="builtin:tiny-sd-x4-upscaler", noise_level=20, steps=75, guidance_scale=9.0, tile=128
+    )
+    for no_upscale in (0, 1):
+        assert validate(chained(upscale=no_upscale), CONFIG, model_info).upscale is None
+
+
+BAD_CHAINS = [
+    ("sweep.upscale", dict(upscale=2)),
+    ("sweep.upscale", dict(sizes=[pb.Size(width=512, height=64)])),  # 2048 px wide, over max_side
+    ("sweep.upscale_model", dict(upscale_model="builtin:tiny-sd")),
+    ("sweep.upscale_model", dict(upscale_model="")),
+    ("sweep.upscale_noise_level", dict(upscale_noise_level=351)),
+    ("sweep.upscale_steps", dict(upscale_steps=0)),
+    ("sweep.upscale_guidance_scale", dict(upscale_guidance_scale=math.nan)),
+    ("sweep.upscale_tile", dict(upscale_tile=12)),
+]
+
+
+@pytest.mark.parametrize("field, sweep", BAD_CHAINS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_CHAINS)])
+def test_bad_chained_upscales_name_the_field(field, sweep):
+    with pytest.raises(InvalidJobError) as raised:
+        validate(chained(**sweep), CONFIG, model_info)
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"{field}: ")
