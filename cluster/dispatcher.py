@@ -186,13 +186,15 @@ class Dispatcher:
             for rank in range(parties)
         ]
         ends = [asyncio.ensure_future(end) for _, end in parts]
+        # The session is closed once every part has ended, however the image ends.
+        asyncio.gather(*ends, return_exceptions=True).add_done_callback(
+            lambda _: self._exchange.close.remote(session)
+        )
         done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_EXCEPTION)
         if failed := [end.exception() for end in done if end.exception()]:
-            # Releases the parties still waiting for the failed one.
+            # Releases the parties that wait for the failed one.
             self._exchange.abort.remote(session, f"{type(failed[0]).__name__}: {failed[0]}")
-            await asyncio.gather(*ends, return_exceptions=True)
             raise failed[0]
-        self._exchange.close.remote(session)
         return parts[0][0]
 
     def _tiled(self, spec) -> bool:
@@ -258,7 +260,6 @@ class Dispatcher:
         pngs = await self._decoders.next().decode.remote(model, latents, batch)
         for spec, png in zip(batch, pngs, strict=True):
             await self._store_result(job, spec, png)
-
 
     async def _upscale_sweep_images(
         self, job: JobRecord, batch: list[ImageSpec], latents, upscale: UpscaleSettings, embeddings: dict

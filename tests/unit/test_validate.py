@@ -27,6 +27,11 @@ def model_info(model: str) -> ModelInfo:
     )
 
 
+CONFIG = FarmConfig(output_dir=Path("out"), model_cache_dir=Path("models"), state_dir=Path("state"), limits=LIMITS)
+# A sweep upscaled 4x.
+CHAIN = dict(upscale=4, upscale_model="builtin:tiny-sd-x4-upscaler")
+
+
 def request(**sweep) -> pb.SweepSpec:
     sweep.setdefault("model", "builtin:tiny-sd")
     sweep.setdefault("prompts", ["a red fox"])
@@ -58,13 +63,21 @@ BAD = [
     ("sweep.model", dict(model="builtin:nope")),
     ("sweep.model", dict(model="")),
     ("sweep", dict(prompts=["a"] * 10, seeds=list(range(101)))),
+    ("sweep.upscale", dict(upscale=2)),
+    ("sweep.upscale", CHAIN | dict(sizes=[pb.Size(width=512, height=64)])),  # 2048 px wide, over max_side
+    ("sweep.upscale_model", CHAIN | dict(upscale_model="builtin:tiny-sd")),
+    ("sweep.upscale_model", CHAIN | dict(upscale_model="")),
+    ("sweep.upscale_noise_level", CHAIN | dict(upscale_noise_level=351)),
+    ("sweep.upscale_steps", CHAIN | dict(upscale_steps=0)),
+    ("sweep.upscale_guidance_scale", CHAIN | dict(upscale_guidance_scale=math.nan)),
+    ("sweep.upscale_tile", CHAIN | dict(upscale_tile=12)),
 ]
 
 
 @pytest.mark.parametrize("field, sweep", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
 def test_bad_sweeps_name_the_field(field, sweep):
     with pytest.raises(InvalidJobError) as raised:
-        validate_sweep(request(**sweep), LIMITS, model_info)
+        validate(pb.SubmitJobRequest(sweep=request(**sweep)), CONFIG, model_info)
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
 
@@ -77,36 +90,10 @@ def test_oversized_sweep_is_refused_before_the_model_is_resolved():
         validate_sweep(request(seeds=list(range(2000))), LIMITS, must_not_resolve)
 
 
-CONFIG = FarmConfig(output_dir=Path("out"), model_cache_dir=Path("models"), state_dir=Path("state"), limits=LIMITS)
-
-
-def chained(**sweep) -> pb.SubmitJobRequest:
-    return pb.SubmitJobRequest(sweep=request(**{"upscale": 4, "upscale_model": "builtin:tiny-sd-x4-upscaler"} | sweep))
-
-
 def test_a_chained_upscale_takes_the_upscale_jobs_defaults():
-    assert validate(chained(), CONFIG, model_info).upscale == UpscaleSettings(
+    assert validate(pb.SubmitJobRequest(sweep=request(**CHAIN)), CONFIG, model_info).upscale == UpscaleSettings(
         model="builtin:tiny-sd-x4-upscaler", noise_level=20, steps=75, guidance_scale=9.0, tile=128
     )
     for no_upscale in (0, 1):
-        assert validate(chained(upscale=no_upscale), CONFIG, model_info).upscale is None
-
-
-BAD_CHAINS = [
-    ("sweep.upscale", dict(upscale=2)),
-    ("sweep.upscale", dict(sizes=[pb.Size(width=512, height=64)])),  # 2048 px wide, over max_side
-    ("sweep.upscale_model", dict(upscale_model="builtin:tiny-sd")),
-    ("sweep.upscale_model", dict(upscale_model="")),
-    ("sweep.upscale_noise_level", dict(upscale_noise_level=351)),
-    ("sweep.upscale_steps", dict(upscale_steps=0)),
-    ("sweep.upscale_guidance_scale", dict(upscale_guidance_scale=math.nan)),
-    ("sweep.upscale_tile", dict(upscale_tile=12)),
-]
-
-
-@pytest.mark.parametrize("field, sweep", BAD_CHAINS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_CHAINS)])
-def test_bad_chained_upscales_name_the_field(field, sweep):
-    with pytest.raises(InvalidJobError) as raised:
-        validate(chained(**sweep), CONFIG, model_info)
-    assert raised.value.field == field
-    assert str(raised.value).startswith(f"{field}: ")
+        sweep = request(**CHAIN | dict(upscale=no_upscale))
+        assert validate(pb.SubmitJobRequest(sweep=sweep), CONFIG, model_info).upscale is None
