@@ -44,7 +44,9 @@ class WindowExchange:
         """This party's windows' values (index -> value) in; every window's values out."""
         if session in self._aborted:
             raise ExchangeError(f"session {session} was aborted: {self._aborted[session]}")
-        state = self._sessions.setdefault(session, _Session(parties))
+        if session not in self._sessions:
+            self._sessions[session] = _Session(parties)
+        state = self._sessions[session]
         merged, first_round = state.merged, state.rounds_done == 0
         state.values.update(part)
         state.arrived += 1

@@ -73,8 +73,10 @@ def test_tiled_upscale_is_close_to_one_piece_and_shows_no_seams(farm):
 
 
 def part_counts(farm) -> list[int]:
-    """Shares of spread images each upscaler replica of the farm has run."""
-    return ray.get([upscaler.part_count.remote() for upscaler in farm.farm._dispatcher._upscalers.actors])
+    """Shares of spread images each upscaler replica of the farm has run (the pool starts with the first upscale)."""
+    if (upscalers := farm.farm._dispatcher._upscalers) is None:
+        return [0] * farm.farm.config.upscalers.replicas
+    return ray.get([upscaler.part_count.remote() for upscaler in upscalers.actors])
 
 
 def test_replica_count_does_not_change_a_pixel(start_farm):
