@@ -99,7 +99,7 @@ def test_replica_count_does_not_change_a_pixel(start_farm):
 GIB = 2**30
 
 
-# About 12 minutes on a 2-core CPU, ten of them in the VAE's mid-block attention over all
+# About 10 minutes on a 2-core CPU, most of them in the VAE's mid-block attention over all
 # 960x540 latent pixels at once (the tiled decode runs it untiled): run with `pytest -m slow`.
 @pytest.mark.slow
 def test_a_960x540_input_upscales_to_3840x2160_spread_over_3_replicas_within_6_gb_a_process(start_farm):
