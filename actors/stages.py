@@ -6,16 +6,18 @@ a call names, keeping the most recently used few loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from renderfarm.actors import tiled_decode, txt2img, upscale_x4
+from renderfarm.actors import exchange, tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.actors.tiles import Tile
 from renderfarm.spec import ImageSpec, encode_png
@@ -110,6 +112,11 @@ class DecoderStage(_Stage):
         images = txt2img.decode(vae, latents)
         return [encode_png(image, spec) for image, spec in zip(images, specs, strict=True)]
 
+    def decode_apart(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> tuple:
+        """decode()'s PNGs, each an object of its own, then their SHA-256 digests; call with num_returns=len(specs)+1."""
+        pngs = self.decode(model, latents, specs)
+        return (*pngs, [hashlib.sha256(png).hexdigest() for png in pngs])
+
     # The tiled decode, one step per call; the dispatcher drives the steps across replicas.
     def tiled_prepare(self, model: str, latents, item: int, tiles: list[Tile]):
         """Returns each tile's input state, then the first norm's sums (call with num_returns=len(tiles)+1)."""
@@ -133,7 +140,25 @@ class DecoderStage(_Stage):
         return encode_png(tiled_decode.assemble(tiles, list(cores), scale), spec)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """One party of an image whose UNet windows are spread over `parties` upscaler replicas."""
+
+    exchange: object  # the WindowExchange actor
+    session: str  # one per image
+    rank: int
+    parties: int
+
+
 class UpscalerStage(_Stage):
+    def __init__(self, model_cache_dir: str):
+        super().__init__(model_cache_dir)
+        self.parts_run = 0
+
+    def part_count(self) -> int:
+        """Shares of spread images this replica has run."""
+        return self.parts_run
+
     def _load(self, model_dir: Path):
         from diffusers import UNet2DConditionModel
 
@@ -149,6 +174,19 @@ class UpscalerStage(_Stage):
 
     def upscale(self, model: str, image: bytes, spec, *embeds: torch.Tensor) -> torch.Tensor:
         """The final latents of one image; `embeds`: the prompt's, then (if guided) the negative prompt's."""
+        return self._upscale(model, image, spec, embeds, upscale_x4.Share())
+
+    def upscale_part(self, model: str, image: bytes, spec, *embeds: torch.Tensor, spread: Spread):
+        """This replica's share of an image's windows; call with num_returns=2.
+
+        Returns rank 0's latents (None from the other parties, whose latents are the same) and a
+        marker that the scheduler awaits to learn that the part ended, without pulling latents.
+        """
+        latents = self._upscale(model, image, spec, embeds, self._share(spread))
+        self.parts_run += 1
+        return (latents if spread.rank == 0 else None), True
+
+    def _upscale(self, model: str, image: bytes, spec, embeds, share: upscale_x4.Share) -> torch.Tensor:
         import io
 
         import diffusers
@@ -170,8 +208,18 @@ class UpscalerStage(_Stage):
             spec.noise_level,
             spec.seed,
             tile=spec.tile,
+            share=share,
         )
         return latents.cpu()
+
+    def _share(self, spread: Spread) -> upscale_x4.Share:
+        def gather(values: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            # Ray's object store holds CPU memory.
+            part = {index: value.cpu() for index, value in values.items()}
+            merged = ray.get(spread.exchange.gather.remote(spread.session, spread.parties, part))
+            return {index: value.to(self._device) for index, value in merged.items()}
+
+        return upscale_x4.Share(spread.rank, spread.parties, gather)
 
 
 def _on(state: tiled_decode.TileState, device: str) -> tiled_decode.TileState:
@@ -182,3 +230,5 @@ TextEncoder = ray.remote(TextEncoderStage)
 Denoiser = ray.remote(DenoiserStage)
 Decoder = ray.remote(DecoderStage)
 Upscaler = ray.remote(UpscalerStage)
+# Async and without a CPU of its own: it only waits and merges small tensors.
+WindowExchange = ray.remote(num_cpus=0)(exchange.WindowExchange)

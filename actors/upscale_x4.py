@@ -10,8 +10,9 @@ the text-to-image pipeline's, copied.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import PIL.Image
@@ -35,6 +36,19 @@ def preprocess(image: PIL.Image.Image, vae_scale_factor: int) -> torch.Tensor:
     return VaeImageProcessor(vae_scale_factor=vae_scale_factor, resample="bicubic").preprocess(image)
 
 
+@dataclass(frozen=True)
+class Share:
+    """This replica's part of an image whose UNet windows are spread over `parties` replicas.
+
+    It runs windows rank, rank + parties, ...; `gather` takes this replica's per-window values
+    (window index -> tensor) and returns every window's, once all parties have given theirs.
+    """
+
+    rank: int = 0
+    parties: int = 1
+    gather: Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]] = field(default=lambda values: values)
+
+
 def upscale_latents(
     unet: UNet2DConditionModel,
     scheduler: SchedulerMixin,
@@ -47,6 +61,7 @@ def upscale_latents(
     noise_level: int,
     seed: int,
     tile: int | None = None,
+    share: Share = Share(),
 ) -> torch.Tensor:
     """The whole scheduler loop for one image; returns the final latents [1, C, h, w], at the image's size.
 
@@ -56,7 +71,9 @@ def upscale_latents(
     windows of at most tile x tile whose predictions are blended with feathered
     weights at every step (MultiDiffusion); the noise is still drawn once over the
     whole canvas, so overlapping windows share it and a one-window image is the
-    pipeline's exactly.
+    pipeline's exactly. With a `share`, every party runs this same loop over the whole
+    (small) latent canvas but the UNet on its share of the windows only, and all parties
+    end with the same latents.
     """
     device = unet.device
     # The pipeline keeps the image and the latents in the text encoder's dtype.
@@ -88,7 +105,8 @@ def upscale_latents(
 
         step_kwargs = txt2img.scheduler_step_kwargs(scheduler, generator)
 
-        windows = tile_windows(image.shape[2], image.shape[3], tile, align=2 ** (len(unet.config.block_out_channels) - 1))
+        align = unet_alignment(unet.config.block_out_channels)
+        windows = tile_windows(image.shape[2], image.shape[3], tile, align)
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -99,12 +117,17 @@ def upscale_latents(
                     window_input, t, encoder_hidden_states=embeds, class_labels=noise_level, return_dict=False
                 )[0]
 
-            noise_pred = blended(predict, model_input, windows, latent_channels)
+            noise_pred = blended(predict, model_input, windows, latent_channels, share)
             if guided:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+def unet_alignment(block_out_channels) -> int:
+    """Latent pixels per pixel of the UNet's deepest level: windows start and end on multiples of it."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 # Overlap between neighbouring windows, as a fraction of the tile.
@@ -162,39 +185,47 @@ def feather(window: Window, height: int, width: int, ramp: int) -> torch.Tensor:
     return (rows[:, None] * columns[None, :])[None, None]
 
 
-def blended(predict, model_input: torch.Tensor, windows: list[Window], out_channels: int) -> torch.Tensor:
+def blended(
+    predict, model_input: torch.Tensor, windows: list[Window], out_channels: int, share: Share = Share()
+) -> torch.Tensor:
     """The UNet's prediction over the whole canvas: one call, or feathered windows run in lockstep.
 
     Windows run on threads that meet at every GroupNorm, which then normalises with the
     statistics of the whole canvas (summed over the windows' owned parts), as one call would.
+    With a `share`, this replica runs its share of the windows and the meetings and the
+    blend take in every party's windows. Sums and the blend go in window order, from the
+    values of single windows, so the result has the same bits for any number of parties.
     """
     if len(windows) == 1:
         return predict(model_input)
     batch, _, height, width = model_input.shape
-    exchange = _StatisticsExchange(len(windows))
-    predictions: list[torch.Tensor | None] = [None] * len(windows)
+    here = range(share.rank, len(windows), share.parties)
+    meeting = _Meeting(len(here), share.gather)
+    predictions: dict[int, torch.Tensor] = {}
 
-    def run(rank: int, window: Window) -> None:
-        _window_context.value = (exchange, rank, window)
+    def run(index: int) -> None:
+        window = windows[index]
+        _window_context.value = (meeting, index, window)
         try:
             with torch.inference_mode():  # grad mode is per thread
-                predictions[rank] = predict(model_input[..., window.top : window.bottom, window.left : window.right])
+                predictions[index] = predict(model_input[..., window.top : window.bottom, window.left : window.right])
         except BaseException:
-            exchange.barrier.abort()
+            meeting.barrier.abort()
             raise
         finally:
             _window_context.value = None
 
-    with ThreadPoolExecutor(len(windows)) as pool:
-        for future in [pool.submit(run, rank, window) for rank, window in enumerate(windows)]:
+    with ThreadPoolExecutor(len(here)) as pool:
+        for future in [pool.submit(run, index) for index in here]:
             future.result()
+    predictions = share.gather(predictions)
 
     total = torch.zeros((batch, out_channels, height, width), dtype=model_input.dtype, device=model_input.device)
     weights = torch.zeros((1, 1, height, width), dtype=model_input.dtype, device=model_input.device)
     ramp = max(1, int((windows[0].bottom - windows[0].top) * WINDOW_OVERLAP))
-    for window, prediction in zip(windows, predictions):
+    for index, window in enumerate(windows):
         weight = feather(window, height, width, ramp).to(model_input)
-        total[..., window.top : window.bottom, window.left : window.right] += prediction * weight
+        total[..., window.top : window.bottom, window.left : window.right] += predictions[index] * weight
         weights[..., window.top : window.bottom, window.left : window.right] += weight
     return total / weights
 
@@ -202,30 +233,36 @@ def blended(predict, model_input: torch.Tensor, windows: list[Window], out_chann
 _window_context = threading.local()
 
 
-class _StatisticsExchange:
-    """Sums each GroupNorm call's partial statistics over all windows; every window makes the same calls."""
+class _Meeting:
+    """Where this replica's window threads meet, once per GroupNorm: each gets every window's value.
 
-    def __init__(self, parties: int):
-        self.barrier = threading.Barrier(parties)
+    The last thread to arrive merges this replica's values with the other parties' (`gather`)
+    before any thread goes on.
+    """
+
+    def __init__(self, threads: int, gather):
+        self._gather = gather
+        self._values: dict[int, torch.Tensor] = {}
+        self._merged: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self._rounds: dict[int, list] = {}
-        self._calls = [0] * parties
+        self.barrier = threading.Barrier(threads, action=self._merge)
 
-    def all_sum(self, rank: int, partial: torch.Tensor) -> torch.Tensor:
-        call = self._calls[rank]
-        self._calls[rank] += 1
+    def _merge(self) -> None:
+        self._merged, self._values = self._gather(self._values), {}
+
+    def all_windows(self, index: int, value: torch.Tensor) -> dict[int, torch.Tensor]:
         with self._lock:
-            contributions = self._rounds.setdefault(call, [None] * len(self._calls))
-        contributions[rank] = partial
+            self._values[index] = value
         self.barrier.wait()
-        return sum(contributions)  # in rank order, so every window gets the same bits
+        # No thread can start the next round's merge before this one has read this round's.
+        return self._merged
 
 
 def _group_norm_forward(norm: nn.GroupNorm, tensor: torch.Tensor) -> torch.Tensor:
     context = getattr(_window_context, "value", None)
     if context is None:
         return F.group_norm(tensor, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    exchange, rank, window = context
+    meeting, index, window = context
     batch, channels, height, width = tensor.shape
     # This level's pixels per latent pixel, from the window's size (windows are aligned to it).
     scale_y, scale_x = (window.bottom - window.top) / height, (window.right - window.left) / width
@@ -237,7 +274,9 @@ def _group_norm_forward(norm: nn.GroupNorm, tensor: torch.Tensor) -> torch.Tenso
     partial = torch.stack(
         [torch.full_like(owned[..., 0], owned.shape[-1]), owned.sum(-1), owned.square().sum(-1)], dim=-1
     )
-    count, total, squares = exchange.all_sum(rank, partial).unbind(-1)
+    partials = meeting.all_windows(index, partial)
+    # In window order, so every window and every party gets the same bits.
+    count, total, squares = sum(partials[i] for i in sorted(partials)).unbind(-1)
     mean = total / count
     inverse_std = torch.rsqrt(squares / count - mean.square() + norm.eps)
     grouped = tensor.float().reshape(batch, norm.num_groups, -1)

@@ -15,6 +15,11 @@ DEFAULT_NOISE_LEVEL = 20
 UPSCALE_FACTOR = 4
 # Upscale tiles align to the UNet's deepest downsampling (8 covers SD's x4 upscaler).
 TILE_MULTIPLE = 8
+# The upscaler replicas that share an image's windows meet once per GroupNorm. The first meeting
+# waits for every party to start, after whatever its replica runs before it (another image);
+# later ones only for the other parties' UNet between two GroupNorms. Past these, the image fails.
+EXCHANGE_JOIN_TIMEOUT_S = 3600.0
+EXCHANGE_ROUND_TIMEOUT_S = 600.0
 
 # Seeds are torch.Generator seeds: any value in [0, 2**64) would do, but JSON
 # readers of the embedded spec (JavaScript among them) lose precision past 2**53.

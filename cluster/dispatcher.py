@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import ray
@@ -25,11 +26,18 @@ from renderfarm._wire import JobState
 from renderfarm.actors import stages
 from renderfarm.actors.tiles import plan_tiles
 from renderfarm.actors.txt2img import DenoiseBatch, DenoiseItem
+from renderfarm.actors.upscale_x4 import tile_windows
 from renderfarm.cluster.config import FarmConfig, PoolConfig
-from renderfarm.cluster.constants import BATCHES_IN_FLIGHT_PER_DENOISER, REPLICAS_READY_TIMEOUT_S
+from renderfarm.cluster.constants import (
+    BATCHES_IN_FLIGHT_PER_DENOISER,
+    EXCHANGE_JOIN_TIMEOUT_S,
+    EXCHANGE_ROUND_TIMEOUT_S,
+    REPLICAS_READY_TIMEOUT_S,
+    UPSCALE_FACTOR,
+)
 from renderfarm.cluster.jobs import JobRecord
 from renderfarm.cluster.model_info import model_info
-from renderfarm.cluster.planner import Decode, Sweep, Upscale, Work, batches
+from renderfarm.cluster.planner import Decode, Sweep, Upscale, UpscaleSettings, Work, batches
 from renderfarm.cluster.results import LocalResultStore
 from renderfarm.spec import ImageSpec, UpscaledImageSpec
 
@@ -70,7 +78,9 @@ class Dispatcher:
         self._encoders = Pool(stages.TextEncoder, config.encoders, cache)
         self._denoisers = Pool(stages.Denoiser, config.denoisers, cache)
         self._decoders = Pool(stages.Decoder, config.decoders, cache)
-        self._upscalers: Pool | None = None  # started by the first upscale job
+        # Started by the first upscale job.
+        self._upscalers: Pool | None = None
+        self._exchange = None
         # Shared by all jobs: batches beyond this wait before being dispatched.
         self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT_PER_DENOISER * config.denoisers.replicas)
         self._stopping = False
@@ -89,6 +99,8 @@ class Dispatcher:
         for pool in (self._encoders, self._denoisers, self._decoders, self._upscalers):
             if pool is not None:
                 pool.kill()
+        if self._exchange is not None:
+            ray.kill(self._exchange)
 
     def stop_dispatching(self) -> None:
         """No new work items start; those in flight finish. Unfinished jobs stay unfinished, to be resumed."""
@@ -152,7 +164,9 @@ class Dispatcher:
                 number, waiting_since = number + 1, None
 
     async def _sweep(self, job: JobRecord, sweep: Sweep) -> None:
-        embeddings: dict[str, ray.ObjectRef] = {}
+        if sweep.upscale is not None:
+            self._start_upscalers()
+        embeddings: dict[tuple[str, str], ray.ObjectRef] = {}
         in_flight: set[asyncio.Task] = set()
         try:
             # Batches are cut from the whole sweep, done items included, so a resumed job
@@ -165,7 +179,7 @@ class Dispatcher:
                 if not self._dispatching(job):
                     self._slots.release()
                     break
-                task = asyncio.create_task(self._render(job, batch, embeddings))
+                task = asyncio.create_task(self._render(job, batch, embeddings, sweep.upscale))
                 task.add_done_callback(lambda _: self._slots.release())
                 in_flight.add(task)
                 in_flight = await _reap(in_flight)
@@ -187,10 +201,18 @@ class Dispatcher:
         async with self._slots:
             await self._with_retries(job, "the decode", attempt)
 
-    async def _upscale(self, job: JobRecord, upscale: Upscale) -> None:
+    def _start_upscalers(self) -> None:
         if self._upscalers is None:
             self._upscalers = Pool(stages.Upscaler, self._config.upscalers, str(self._config.model_cache_dir))
-        tasks = [asyncio.create_task(self._upscale_one(job, image, spec)) for image, spec in zip(upscale.images, upscale.specs)]
+            self._exchange = stages.WindowExchange.remote(EXCHANGE_JOIN_TIMEOUT_S, EXCHANGE_ROUND_TIMEOUT_S)
+
+    async def _upscale(self, job: JobRecord, upscale: Upscale) -> None:
+        self._start_upscalers()
+        embeddings: dict[tuple[str, str], ray.ObjectRef] = {}
+        tasks = [
+            asyncio.create_task(self._upscale_one(job, image, spec, embeddings))
+            for image, spec in zip(upscale.images, upscale.specs)
+        ]
         try:
             await asyncio.gather(*tasks)
         except Exception:
@@ -198,20 +220,60 @@ class Dispatcher:
                 task.cancel()
             raise
 
-    async def _upscale_one(self, job: JobRecord, image: bytes, spec: UpscaledImageSpec) -> None:
-        async def attempt(_: int) -> None:
-            embeds = [self._encoders.next().encode.remote(spec.model, spec.prompt)]
-            if spec.guidance_scale > 1:
-                embeds.append(self._encoders.next().encode.remote(spec.model, spec.negative_prompt))
-            latents = self._upscalers.next().upscale.remote(spec.model, image, spec, *embeds)
-            png = await self._decode_latents(spec.model, latents, spec)
-            await self._store_result(job, spec, png)
+    async def _upscale_one(self, job: JobRecord, image: bytes, spec: UpscaledImageSpec, embeddings: dict) -> None:
+        async def attempt(number: int) -> None:
+            # A retry encodes its texts afresh: a cached ref may be what failed.
+            await self._upscale_image(job, image, spec, embeddings if number == 1 else {})
 
         if job.is_done(spec):
             return
         async with self._slots:
             if self._dispatching(job):
                 await self._with_retries(job, f"the upscale of {spec.source_sha256[:12]}", attempt)
+
+    async def _upscale_image(self, job: JobRecord, image, spec: UpscaledImageSpec, embeddings: dict) -> None:
+        """Upscales one image (encoded bytes, or a ref to them) and stores the 4x PNG."""
+        embeds = [self._embedding(embeddings, spec.model, spec.prompt)]
+        if spec.guidance_scale > 1:
+            embeds.append(self._embedding(embeddings, spec.model, spec.negative_prompt))
+        latents = await self._upscale_latents(image, spec, embeds)
+        png = await self._decode_latents(spec.model, latents, spec)
+        await self._store_result(job, spec, png)
+
+    def _embedding(self, embeddings: dict, model: str, text: str) -> ray.ObjectRef:
+        """Each unique text of a job is encoded once per model; its ref serves every image that uses it."""
+        if (model, text) not in embeddings:
+            embeddings[model, text] = self._encoders.next().encode.remote(model, text)
+        return embeddings[model, text]
+
+    async def _upscale_latents(self, image, spec: UpscaledImageSpec, embeds: list) -> ray.ObjectRef:
+        """The final latents of one image, its UNet windows spread over up to every upscaler replica."""
+        alignment = model_info(spec.model, self._config.model_cache_dir).unet_alignment
+        windows = tile_windows(spec.height // UPSCALE_FACTOR, spec.width // UPSCALE_FACTOR, spec.tile, alignment)
+        parties = min(len(self._upscalers.actors), len(windows))
+        if parties == 1:
+            return self._upscalers.next().upscale.remote(spec.model, image, spec, *embeds)
+        session = uuid.uuid4().hex
+        # A replica runs one call at a time, in the order the scheduler submitted them. All parts of an
+        # image are submitted in this one loop, with no await in between, so every replica runs the
+        # parts of spread images in the same order, and two spread images never wait on each other.
+        parts = [
+            self._upscalers.next().upscale_part.options(num_returns=2).remote(
+                spec.model, image, spec, *embeds, spread=stages.Spread(self._exchange, session, rank, parties)
+            )
+            for rank in range(parties)
+        ]
+        ends = [asyncio.ensure_future(end) for _, end in parts]
+        # The session is closed once every part has ended, however the image ends.
+        asyncio.gather(*ends, return_exceptions=True).add_done_callback(
+            lambda _: self._exchange.close.remote(session)
+        )
+        done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_EXCEPTION)
+        if failed := [end.exception() for end in done if end.exception()]:
+            # Releases the parties that wait for the failed one.
+            self._exchange.abort.remote(session, f"{type(failed[0]).__name__}: {failed[0]}")
+            raise failed[0]
+        return parts[0][0]
 
     def _tiled(self, spec) -> bool:
         return spec.width * spec.height > self._config.tiled_decode_above_pixels
@@ -252,12 +314,14 @@ class Dispatcher:
                 sums = sum(await asyncio.gather(*(tile_sums for _, tile_sums in calls)))
         return await self._decoders.next().tiled_assemble.remote(tiles, spec, *states)
 
-    async def _render(self, job: JobRecord, batch: list[ImageSpec], embeddings: dict) -> None:
+    async def _render(
+        self, job: JobRecord, batch: list[ImageSpec], embeddings: dict, upscale: UpscaleSettings | None
+    ) -> None:
         """One batch, retried; a batch that runs out of accelerator memory is split in halves first."""
 
         async def attempt(number: int) -> None:
             # A retry encodes its texts afresh: a cached ref may be what failed.
-            await self._render_once(job, batch, embeddings if number == 1 else {})
+            await self._render_once(job, batch, embeddings if number == 1 else {}, upscale)
 
         try:
             item = f"the batch of {len(batch)} from {batch[0].file_name}"
@@ -267,15 +331,13 @@ class Dispatcher:
                 raise
             log.warning("job %s: a batch of %d ran out of memory; splitting it", job.id, len(batch))
             middle = len(batch) // 2
-            await asyncio.gather(self._render(job, batch[:middle], {}), self._render(job, batch[middle:], {}))
+            await asyncio.gather(
+                self._render(job, batch[:middle], {}, upscale), self._render(job, batch[middle:], {}, upscale)
+            )
 
-    async def _render_once(self, job: JobRecord, batch: list[ImageSpec], embeddings: dict) -> None:
-        def embedding(text: str) -> ray.ObjectRef:
-            # Each unique text of a job is encoded once; its ref serves every seed and setting.
-            if text not in embeddings:
-                embeddings[text] = self._encoders.next().encode.remote(model, text)
-            return embeddings[text]
-
+    async def _render_once(
+        self, job: JobRecord, batch: list[ImageSpec], embeddings: dict, upscale: UpscaleSettings | None
+    ) -> None:
         first, model = batch[0], batch[0].model
         denoise_batch = DenoiseBatch(
             width=first.width,
@@ -284,10 +346,13 @@ class Dispatcher:
             scheduler=first.scheduler,
             items=tuple(DenoiseItem(seed=s.seed, guidance_scale=s.guidance_scale) for s in batch),
         )
-        embeds = [embedding(s.prompt) for s in batch]
+        embeds = [self._embedding(embeddings, model, s.prompt) for s in batch]
         if denoise_batch.guided:
-            embeds += [embedding(s.negative_prompt) for s in batch]
+            embeds += [self._embedding(embeddings, model, s.negative_prompt) for s in batch]
         latents = self._denoisers.next().denoise.remote(model, denoise_batch, *embeds)
+        if upscale is not None:
+            await self._upscale_sweep_images(job, batch, latents, upscale, embeddings)
+            return
         if self._tiled(first):
             for item, spec in enumerate(batch):
                 await self._store_result(job, spec, await self._decode_latents(model, latents, spec, item))
@@ -295,6 +360,17 @@ class Dispatcher:
         pngs = await self._decoders.next().decode.remote(model, latents, batch)
         for spec, png in zip(batch, pngs, strict=True):
             await self._store_result(job, spec, png)
+
+    async def _upscale_sweep_images(
+        self, job: JobRecord, batch: list[ImageSpec], latents, upscale: UpscaleSettings, embeddings: dict
+    ) -> None:
+        """Sends each image of a denoised batch on through the x4 upscaler; only the 4x images are results."""
+        # Each PNG is an object of its own that goes to the upscaler by ref, never through the scheduler.
+        *pngs, digests = self._decoders.next().decode_apart.options(num_returns=len(batch) + 1).remote(
+            batch[0].model, latents, batch
+        )
+        specs = [upscale.chained(spec, digest) for spec, digest in zip(batch, await digests, strict=True)]
+        await asyncio.gather(*(self._upscale_image(job, png, spec, embeddings) for png, spec in zip(pngs, specs)))
 
 
 class ItemFailedError(Exception):

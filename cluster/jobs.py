@@ -14,12 +14,10 @@ which work items are finished, so a resumed job skips them.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 from renderfarm._wire import JobState
@@ -55,8 +53,11 @@ CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     name TEXT NOT NULL,
     spec TEXT NOT NULL,
+    -- The work item the result finishes: see item_key.
+    item TEXT NOT NULL,
     PRIMARY KEY (job_id, name)
 );
+CREATE INDEX IF NOT EXISTS results_by_item ON results (job_id, item);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     seq INTEGER NOT NULL,
@@ -70,8 +71,19 @@ def result_to_pb(spec: AnySpec, name: str) -> pb.ImageResult:
     if isinstance(spec, DecodedImageSpec):
         return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name)
     if isinstance(spec, UpscaledImageSpec):
-        return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**vars(spec)), name=name)
+        fields = vars(spec) | {"source": None if spec.source is None else pb.ImageSpec(**vars(spec.source))}
+        return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**fields), name=name)
     return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name)
+
+
+def item_key(spec: AnySpec) -> str:
+    """A result's work item: its own spec, or for a sweep image upscaled in the farm, the sweep image's.
+
+    A chained result's name hashes the rendered source image, which a resumed job cannot know
+    before rendering it again; the source spec names the item without that.
+    """
+    source = getattr(spec, "source", None)
+    return (source or spec).file_name
 
 
 def _summary(request: pb.SubmitJobRequest) -> pb.SubmitJobRequest:
@@ -139,15 +151,16 @@ class JobRecord:
             self._save()
 
     def is_done(self, spec: AnySpec) -> bool:
-        row = self._db.execute("SELECT 1 FROM results WHERE job_id = ? AND name = ?", (self.id, spec.file_name))
+        """Whether the work item of `spec` (a planned spec; see item_key) has its result."""
+        row = self._db.execute("SELECT 1 FROM results WHERE job_id = ? AND item = ?", (self.id, spec.file_name))
         return row.fetchone() is not None
 
     def add_result(self, spec: AnySpec, name: str) -> bool:
         """Records a result once; False if it was already recorded (a retried or redone item)."""
         with self._db:
             inserted = self._db.execute(
-                "INSERT OR IGNORE INTO results (job_id, name, spec) VALUES (?, ?, ?)",
-                (self.id, name, json.dumps(asdict(spec), sort_keys=True, ensure_ascii=False)),
+                "INSERT OR IGNORE INTO results (job_id, name, spec, item) VALUES (?, ?, ?, ?)",
+                (self.id, name, spec.to_json(), item_key(spec)),
             ).rowcount
             if not inserted:
                 return False

@@ -24,6 +24,8 @@ class ModelInfo:
     # An x4 upscaler's UNet also takes the low-resolution image; its pipeline caps the noise level.
     is_upscaler: bool
     max_noise_level: int
+    # Latent pixels per pixel of the UNet's deepest level: where upscale windows may start.
+    unet_alignment: int
 
 
 @cache
@@ -31,6 +33,7 @@ def model_info(model: str, model_cache_dir: Path) -> ModelInfo:
     """Raises ValueError (ModelNotFoundError) for a reference that resolves to no model."""
     from renderfarm.actors.models import default_image_size, read_config, resolve_model, scheduler_class_name
     from renderfarm.actors.schedulers import SCHEDULER_CLASSES
+    from renderfarm.actors.upscale_x4 import unet_alignment
 
     model_dir = resolve_model(model, model_cache_dir)
     width, height = default_image_size(model_dir)
@@ -50,4 +53,5 @@ def model_info(model: str, model_cache_dir: Path) -> ModelInfo:
         decode_halo=exact_halo(up_blocks, resnets),
         is_upscaler=unet["in_channels"] > vae["latent_channels"],
         max_noise_level=pipeline.get("max_noise_level", 0),
+        unet_alignment=unet_alignment(unet["block_out_channels"]),
     )

@@ -12,7 +12,35 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from renderfarm.cluster.constants import UPSCALE_FACTOR
 from renderfarm.spec import DecodedImageSpec, ImageSpec, UpscaledImageSpec
+
+
+@dataclass(frozen=True)
+class UpscaleSettings:
+    """A validated x4 upscale of each image of a sweep; prompts and seeds are the images' own."""
+
+    model: str
+    noise_level: int
+    steps: int
+    guidance_scale: float
+    tile: int
+
+    def spec(self, image_sha256: str, width: int, height: int, prompt: str, negative_prompt: str, seed: int,
+             source: ImageSpec | None = None) -> UpscaledImageSpec:  # fmt: skip
+        """The spec of an image's 4x image: `image_sha256` hashes the encoded image, `width` x `height` is its
+        size as the upscaler takes it, `source` the sweep image's spec where it is one."""
+        return UpscaledImageSpec(
+            model=self.model, source_sha256=image_sha256, prompt=prompt, negative_prompt=negative_prompt,
+            noise_level=self.noise_level, steps=self.steps, guidance_scale=self.guidance_scale, seed=seed,
+            width=width * UPSCALE_FACTOR, height=height * UPSCALE_FACTOR, tile=self.tile, source=source,
+        )  # fmt: skip
+
+    def chained(self, source: ImageSpec, source_sha256: str) -> UpscaledImageSpec:
+        """The spec of a sweep image's 4x image; `source_sha256` hashes its PNG."""
+        return self.spec(
+            source_sha256, source.width, source.height, source.prompt, source.negative_prompt, source.seed, source
+        )
 
 
 @dataclass(frozen=True)
@@ -27,6 +55,8 @@ class Sweep:
     steps: tuple[int, ...]
     sizes: tuple[tuple[int, int], ...]
     schedulers: tuple[str, ...]
+    # Each image goes on through the x4 upscaler, and only the 4x images are results.
+    upscale: UpscaleSettings | None = None
 
     def __post_init__(self):
         # A repeated axis value would repeat images: each spec is one result, once.

@@ -5,6 +5,7 @@ Nothing is created before validation passes, so a bad request leaves no trace.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -30,9 +31,9 @@ from renderfarm.cluster.constants import (
     UPSCALE_FACTOR,
 )
 from renderfarm.cluster.model_info import ModelInfo
-from renderfarm.cluster.planner import Decode, Sweep, Upscale
+from renderfarm.cluster.planner import Decode, Sweep, Upscale, UpscaleSettings
 from renderfarm.errors import InvalidJobError
-from renderfarm.spec import SCHEDULER_LABELS, DecodedImageSpec, UpscaledImageSpec
+from renderfarm.spec import SCHEDULER_LABELS, DecodedImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 ModelLookup = Callable[[str], ModelInfo]
@@ -49,7 +50,8 @@ def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: Model
         check_id("request_id", request.request_id)
     kind = request.WhichOneof("kind")
     if kind == "sweep":
-        return validate_sweep(request.sweep, config.limits, model_info)
+        sweep = validate_sweep(request.sweep, config.limits, model_info)
+        return dataclasses.replace(sweep, upscale=validate_chained_upscale(request.sweep, sweep, config, model_info))
     if kind == "decode":
         return validate_decode(request.decode, config, model_info)
     if kind == "upscale":
@@ -193,23 +195,12 @@ def validate_upscale(upscale: pb.UpscaleSpec, config: FarmConfig, model_info: Mo
         raise invalid("upscale.images", f"{len(upscale.images)} images is over the limit of {limits.max_images_per_job}")
     _text("upscale.prompt", upscale.prompt, limits)
     _text("upscale.negative_prompt", upscale.negative_prompt, limits)
-    steps = upscale.steps if upscale.HasField("steps") else DEFAULT_UPSCALE_STEPS
-    if not 1 <= steps <= limits.max_steps:
-        raise invalid("upscale.steps", f"must be in [1, {limits.max_steps}] (got {steps})")
-    guidance = upscale.guidance_scale if upscale.HasField("guidance_scale") else DEFAULT_UPSCALE_GUIDANCE_SCALE
-    if not math.isfinite(guidance) or guidance < 0:
-        raise invalid("upscale.guidance_scale", f"must be a finite number >= 0 (got {guidance})")
     if not 0 <= upscale.seed <= MAX_SEED:
         raise invalid("upscale.seed", f"must be in [0, {MAX_SEED}] (got {upscale.seed})")
-    info = _model("upscale.model", upscale.model, model_info)
-    if not info.is_upscaler:
-        raise invalid("upscale.model", f"{upscale.model} is not an x4 upscaler (its UNet takes no low-resolution image)")
-    noise_level = upscale.noise_level if upscale.HasField("noise_level") else DEFAULT_NOISE_LEVEL
-    if not 0 <= noise_level <= info.max_noise_level:
-        raise invalid("upscale.noise_level", f"must be in [0, {info.max_noise_level}] (got {noise_level})")
-    tile = upscale.tile or config.upscale_tile
-    if not TILE_MULTIPLE <= tile <= limits.max_side or tile % TILE_MULTIPLE:
-        raise invalid("upscale.tile", f"must be a multiple of {TILE_MULTIPLE} up to {limits.max_side} (got {tile})")
+    settings, info = _upscale_settings(
+        "upscale.", upscale.model, _given(upscale, "noise_level"), _given(upscale, "steps"),
+        _given(upscale, "guidance_scale"), upscale.tile, config, model_info,
+    )  # fmt: skip
     specs = []
     for i, data in enumerate(upscale.images):
         width, height = _image_size(f"upscale.images[{i}]", data)
@@ -222,12 +213,71 @@ def validate_upscale(upscale: pb.UpscaleSpec, config: FarmConfig, model_info: Mo
                 f"{TILE_MULTIPLE * UPSCALE_FACTOR} to {limits.max_side} pixels",
             )
         _pixels(f"upscale.images[{i}]", width * UPSCALE_FACTOR, height * UPSCALE_FACTOR, limits)
-        specs.append(UpscaledImageSpec(
-            model=upscale.model, source_sha256=hashlib.sha256(data).hexdigest(), prompt=upscale.prompt,
-            negative_prompt=upscale.negative_prompt, noise_level=noise_level, steps=steps, guidance_scale=guidance,
-            seed=upscale.seed, width=width * UPSCALE_FACTOR, height=height * UPSCALE_FACTOR, tile=tile,
-        ))  # fmt: skip
+        digest = hashlib.sha256(data).hexdigest()
+        specs.append(settings.spec(digest, width, height, upscale.prompt, upscale.negative_prompt, upscale.seed))
     return Upscale(images=tuple(upscale.images), specs=tuple(specs))
+
+
+def validate_chained_upscale(
+    request: pb.SweepSpec, sweep: Sweep, config: FarmConfig, model_info: ModelLookup
+) -> UpscaleSettings | None:
+    """The x4 upscale every image of a sweep goes on through, or None."""
+    if request.upscale in (0, 1):
+        return None
+    if request.upscale != UPSCALE_FACTOR:
+        raise invalid("sweep.upscale", f"must be 0 or 1 (no upscale) or {UPSCALE_FACTOR} (got {request.upscale})")
+    settings, _ = _upscale_settings(
+        "sweep.upscale_", request.upscale_model, _given(request, "upscale_noise_level"),
+        _given(request, "upscale_steps"), _given(request, "upscale_guidance_scale"), request.upscale_tile, config,
+        model_info,
+    )  # fmt: skip
+    max_side = config.limits.max_side
+    for width, height in sweep.sizes:
+        if max(width, height) * UPSCALE_FACTOR > max_side:
+            raise invalid("sweep.upscale", f"{width}x{height} images upscale to over {max_side} pixels a side")
+        # The upscaler takes each image's PNG as the decoder makes it in one piece.
+        if width * height > config.tiled_decode_above_pixels:
+            raise invalid(
+                "sweep.upscale",
+                f"{width}x{height} images are over the {config.tiled_decode_above_pixels} pixels that chain to the "
+                "upscaler (they decode in tiles); upscale them in a job of their own",
+            )
+    return settings
+
+
+def _given(message, field: str):
+    """An optional field's value, or None where it is unset."""
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def _upscale_settings(
+    prefix: str,
+    model: str,
+    noise_level: int | None,
+    steps: int | None,
+    guidance: float | None,
+    tile: int,
+    config: FarmConfig,
+    model_info: ModelLookup,
+) -> tuple[UpscaleSettings, ModelInfo]:
+    """An upscale's settings, unset ones (None, or tile 0) defaulted; errors name f"{prefix}steps" and so on."""
+    limits = config.limits
+    steps = DEFAULT_UPSCALE_STEPS if steps is None else steps
+    if not 1 <= steps <= limits.max_steps:
+        raise invalid(f"{prefix}steps", f"must be in [1, {limits.max_steps}] (got {steps})")
+    guidance = DEFAULT_UPSCALE_GUIDANCE_SCALE if guidance is None else guidance
+    if not math.isfinite(guidance) or guidance < 0:
+        raise invalid(f"{prefix}guidance_scale", f"must be a finite number >= 0 (got {guidance})")
+    info = _model(f"{prefix}model", model, model_info)
+    if not info.is_upscaler:
+        raise invalid(f"{prefix}model", f"{model} is not an x4 upscaler (its UNet takes no low-resolution image)")
+    noise_level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+    if not 0 <= noise_level <= info.max_noise_level:
+        raise invalid(f"{prefix}noise_level", f"must be in [0, {info.max_noise_level}] (got {noise_level})")
+    tile = tile or config.upscale_tile
+    if not TILE_MULTIPLE <= tile <= limits.max_side or tile % TILE_MULTIPLE:
+        raise invalid(f"{prefix}tile", f"must be a multiple of {TILE_MULTIPLE} up to {limits.max_side} (got {tile})")
+    return UpscaleSettings(model, noise_level, steps, guidance, tile), info
 
 
 def _image_size(field: str, data: bytes) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from renderfarm._constants import (
+    DEFAULT_UPSCALER,
     FIELD_METADATA_KEY,
     RECONNECT_FIRST_DELAY_S,
     RECONNECT_MAX_DELAY_S,
@@ -109,6 +110,12 @@ def sweep_request(
     negative_prompt: str,
     scheduler,
     model: str,
+    upscale: int | None = None,
+    upscale_model: str = DEFAULT_UPSCALER,
+    upscale_noise_level: int | None = None,
+    upscale_steps: int | None = None,
+    upscale_guidance_scale: float | None = None,
+    upscale_tile: int | None = None,
     request_id: str | None,
 ) -> pb.SubmitJobRequest:
     prompts = axis(prompts, "prompts")
@@ -125,6 +132,14 @@ def sweep_request(
         sizes=[pb.Size(width=int(w), height=int(h)) for w in widths for h in heights],
         schedulers=axis(scheduler, "scheduler"),
     )
+    if upscale:
+        sweep.upscale, sweep.upscale_model, sweep.upscale_tile = upscale, upscale_model, upscale_tile or 0
+        _set_given(
+            sweep,
+            upscale_noise_level=upscale_noise_level,
+            upscale_steps=upscale_steps,
+            upscale_guidance_scale=upscale_guidance_scale,
+        )
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep)
 
 
@@ -152,10 +167,15 @@ def upscale_request(
         seed=seed,
         tile=tile or 0,
     )
-    for field, value in (("noise_level", noise_level), ("steps", steps), ("guidance_scale", guidance_scale)):
-        if value is not None:
-            setattr(upscale, field, value)
+    _set_given(upscale, noise_level=noise_level, steps=steps, guidance_scale=guidance_scale)
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, upscale=upscale)
+
+
+def _set_given(message, **values) -> None:
+    """Sets the optional fields whose value is given; the others stay unset: the farm's defaults."""
+    for field, value in values.items():
+        if value is not None:
+            setattr(message, field, value)
 
 
 def _image_bytes(image) -> bytes:
@@ -188,7 +208,9 @@ def result(message: pb.ImageResult) -> Result:
     if kind == "decoded":
         spec = DecodedImageSpec(**_fields(message.decoded))
     elif kind == "upscaled":
-        spec = UpscaledImageSpec(**_fields(message.upscaled))
+        fields = _fields(message.upscaled)
+        source = fields.pop("source")
+        spec = UpscaledImageSpec(**fields, source=image_spec(source) if message.upscaled.HasField("source") else None)
     else:
         spec = image_spec(message.spec)
     return Result(spec=spec, name=message.name, png=message.png)

@@ -56,6 +56,12 @@ class AsyncClient:
         negative_prompt: str = "",
         scheduler=None,
         model: str = DEFAULT_MODEL,
+        upscale: int | None = None,
+        upscale_model: str = DEFAULT_UPSCALER,
+        upscale_noise_level: int | None = None,
+        upscale_steps: int | None = None,
+        upscale_guidance_scale: float | None = None,
+        upscale_tile: int | None = None,
         request_id: str | None = None,
     ) -> AsyncJob:
         """See Client.sweep."""
@@ -69,6 +75,12 @@ class AsyncClient:
             negative_prompt=negative_prompt,
             scheduler=scheduler,
             model=model,
+            upscale=upscale,
+            upscale_model=upscale_model,
+            upscale_noise_level=upscale_noise_level,
+            upscale_steps=upscale_steps,
+            upscale_guidance_scale=upscale_guidance_scale,
+            upscale_tile=upscale_tile,
             request_id=request_id,
         )
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"builtin:NAME, a diffusers directory or a HF repo id (default {DEFAULT_MODEL})")
     sweep.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
     sweep.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    chained = sweep.add_argument_group("upscale each image 4x in the farm (its prompt, negative prompt and seed)")
+    chained.add_argument("--upscale", type=int, help="4: the results are the 4x images (default: no upscale)")
+    chained.add_argument("--upscale-model", default=DEFAULT_UPSCALER, help=f"an x4 upscaler (default {DEFAULT_UPSCALER})")
+    chained.add_argument("--upscale-noise-level", type=int, help="noise added to each image (default 20)")
+    chained.add_argument("--upscale-steps", type=int, help="the upscale's denoising steps (default 75)")
+    chained.add_argument("--upscale-guidance", type=float, help="the upscale's guidance scale (default 9)")
+    chained.add_argument("--upscale-tile", type=int, help="UNet tile side in input pixels (default 128)")
     _add_farm_options(sweep)
 
     decode = commands.add_parser("decode", help="decode latents (.npy, [1, C, h, w]) into one image, in tiles")
@@ -259,6 +266,12 @@ def _sweep(args) -> int:
             negative_prompt=args.negative,
             scheduler=args.scheduler,
             model=args.model,
+            upscale=args.upscale,
+            upscale_model=args.upscale_model,
+            upscale_noise_level=args.upscale_noise_level,
+            upscale_steps=args.upscale_steps,
+            upscale_guidance_scale=args.upscale_guidance,
+            upscale_tile=args.upscale_tile,
         )
 
     return _on_farm(args, submit)

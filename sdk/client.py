@@ -65,12 +65,20 @@ class Client:
         negative_prompt: str = "",
         scheduler=None,
         model: str = DEFAULT_MODEL,
+        upscale: int | None = None,
+        upscale_model: str = DEFAULT_UPSCALER,
+        upscale_noise_level: int | None = None,
+        upscale_steps: int | None = None,
+        upscale_guidance_scale: float | None = None,
+        upscale_tile: int | None = None,
         request_id: str | None = None,
     ) -> Job:
         """Renders every combination of the given axes; each may be a scalar or a list.
 
         Unset axes take the farm's defaults: guidance 7.5, 50 steps, the model's
-        native size and its own scheduler.
+        native size and its own scheduler. With ``upscale=4`` each image goes on through
+        the x4 upscaler inside the farm (its prompt, negative prompt and seed; the other
+        settings as in upscale(), prefixed ``upscale_``), and the results are the 4x images.
         """
         request = _wire.sweep_request(
             prompts=prompts,
@@ -82,6 +90,12 @@ class Client:
             negative_prompt=negative_prompt,
             scheduler=scheduler,
             model=model,
+            upscale=upscale,
+            upscale_model=upscale_model,
+            upscale_noise_level=upscale_noise_level,
+            upscale_steps=upscale_steps,
+            upscale_guidance_scale=upscale_guidance_scale,
+            upscale_tile=upscale_tile,
             request_id=request_id,
         )
         return Job(self, self._call(self._stub.SubmitJob, request).job)

@@ -31,8 +31,12 @@ MANIFEST = "manifest.jsonl"
 
 
 class _Spec:
+    def fields(self) -> dict:
+        """The spec as plain data; unset optional fields are left out, so older specs keep their JSON."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+        return json.dumps(self.fields(), sort_keys=True, ensure_ascii=False)
 
     @property
     def file_name(self) -> str:
@@ -63,6 +67,9 @@ class ImageSpec(_Spec):
         return f"{slug}-{self.seed}"
 
     def a1111_parameters(self) -> str:
+        return "\n".join(self._a1111_lines())
+
+    def _a1111_lines(self) -> list[str]:
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -71,7 +78,7 @@ class ImageSpec(_Spec):
             f"Steps: {self.steps}, Sampler: {sampler}, CFG scale: {self.guidance_scale:g}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
         )
-        return "\n".join(lines)
+        return lines
 
 
 @dataclass(frozen=True)
@@ -107,11 +114,22 @@ class UpscaledImageSpec(_Spec):
     width: int
     height: int
     tile: int
+    # The sweep image it was made from, in a sweep with upscale=4; None for an input image.
+    source: ImageSpec | None = None
 
     def _name_stem(self) -> str:
         return f"upscaled-{self.source_sha256[:12]}-{self.seed}"
 
     def a1111_parameters(self) -> str:
+        if self.source is not None:
+            # As AUTOMATIC1111 writes a hires-fixed image: the first pass, then the upscale.
+            *lines, first_pass = self.source._a1111_lines()
+            lines.append(
+                f"{first_pass}, Hires upscale: {self.width // self.source.width}, Hires resize: "
+                f"{self.width}x{self.height}, Hires steps: {self.steps}, Hires upscaler: {self.model}, "
+                f"Hires CFG scale: {self.guidance_scale:g}, Noise level: {self.noise_level}"
+            )
+            return "\n".join(lines)
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -130,7 +148,8 @@ def spec_from_json(text: str) -> AnySpec:
     if "latents_sha256" in fields:
         return DecodedImageSpec(**fields)
     if "source_sha256" in fields:
-        return UpscaledImageSpec(**fields)
+        source = fields.pop("source", None)
+        return UpscaledImageSpec(**fields, source=None if source is None else ImageSpec(**source))
     return ImageSpec(**fields)
 
 
@@ -155,4 +174,4 @@ def read_spec(png: str | Path | bytes) -> AnySpec:
 
 def manifest_line(name: str, spec: AnySpec) -> str:
     """One manifest.jsonl line: the file name and its spec."""
-    return json.dumps({"file": name, "spec": asdict(spec)}, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps({"file": name, "spec": spec.fields()}, sort_keys=True, ensure_ascii=False) + "\n"

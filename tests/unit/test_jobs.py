@@ -67,3 +67,15 @@ def test_a_stopping_store_ends_streams_of_unfinished_jobs(tmp_path):
     store.stop_following()
     log = events(store, job.id)
     assert log[-1] is None and log[0].state == pb.JOB_STATE_QUEUED
+
+
+def test_a_sweep_image_upscaled_in_the_farm_finishes_its_sweep_item(tmp_path):
+    from renderfarm.spec import UpscaledImageSpec
+
+    chained = UpscaledImageSpec(model="builtin:tiny-sd-x4-upscaler", source_sha256="ab" * 32, prompt="a fox",
+                                negative_prompt="", noise_level=20, steps=2, guidance_scale=9.0, seed=0,
+                                width=256, height=256, tile=128, source=spec(0))  # fmt: skip
+    job = JobStore(tmp_path).create(REQUEST, total=2)
+    job.add_result(chained, chained.file_name)
+    assert job.is_done(spec(0)) and not job.is_done(spec(1))
+    assert list(job.results()) == [(chained.file_name, chained)]

@@ -25,6 +25,14 @@ def test_lists_and_ranges_are_axes_and_sizes_are_widths_by_heights():
     assert [(s.width, s.height) for s in sweep.sizes] == [(512, 512), (768, 512)]
 
 
+def test_upscale_settings_are_sent_with_an_upscale_only():
+    plain = request(upscale_steps=2).sweep
+    assert plain.upscale == 0 and not plain.upscale_model and not plain.HasField("upscale_steps")
+    chained = request(upscale=4, upscale_steps=2).sweep
+    assert (chained.upscale, chained.upscale_model, chained.upscale_steps) == (4, "builtin:tiny-sd-x4-upscaler", 2)
+    assert not chained.HasField("upscale_noise_level") and not chained.HasField("upscale_guidance_scale")
+
+
 def test_each_submission_gets_a_fresh_request_id_unless_given():
     assert request().request_id != request().request_id
     assert request(request_id="mine").request_id == "mine"

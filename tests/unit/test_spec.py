@@ -3,7 +3,7 @@ import json
 import pytest
 from PIL import Image
 
-from renderfarm.spec import ImageSpec, encode_png, manifest_line, read_spec
+from renderfarm.spec import ImageSpec, UpscaledImageSpec, encode_png, manifest_line, read_spec, spec_from_json
 
 SPEC = ImageSpec(
     model="builtin:tiny-sd",
@@ -50,3 +50,26 @@ def test_read_spec_refuses_a_plain_png(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no renderfarm spec"):
         read_spec(tmp_path / "plain.png")
+
+
+UPSCALED = UpscaledImageSpec(
+    model="builtin:tiny-sd-x4-upscaler", source_sha256="ab" * 32, prompt=SPEC.prompt, negative_prompt="blurry",
+    noise_level=20, steps=2, guidance_scale=9.0, seed=3, width=256, height=192, tile=128,
+)  # fmt: skip
+
+
+def test_an_upscaled_input_image_keeps_its_json_and_a_sweep_images_names_its_source():
+    assert "source" not in json.loads(UPSCALED.to_json()) and spec_from_json(UPSCALED.to_json()) == UPSCALED
+    chained = UpscaledImageSpec(**{**vars(UPSCALED), "source": SPEC})
+    assert json.loads(chained.to_json())["source"] == json.loads(SPEC.to_json())
+    png = encode_png(Image.new("RGB", (256, 192)), chained)
+    assert read_spec(png) == chained and chained.file_name != UPSCALED.file_name
+    with Image.open(__import__("io").BytesIO(png)) as image:
+        assert image.text["parameters"] == (
+            "a red fox, golden hour\n"
+            "Negative prompt: blurry\n"
+            "Steps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 3, Size: 64x48, Model: builtin:tiny-sd, "
+            "Hires upscale: 4, Hires resize: 256x192, Hires steps: 2, Hires upscaler: builtin:tiny-sd-x4-upscaler, "
+            "Hires CFG scale: 9, Noise level: 20"
+        )
+    assert json.loads(manifest_line("x.png", UPSCALED))["spec"].keys() == json.loads(UPSCALED.to_json()).keys()

@@ -1,6 +1,9 @@
 """The x4 upscaler's plain functions, without Ray: pixel-identical to StableDiffusionUpscalePipeline."""
 
+import asyncio
 import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
 
 from renderfarm.actors import models, txt2img, upscale_x4
+from renderfarm.actors.exchange import WindowExchange
 
 PROMPT = "a red fox in the snow"
 NEGATIVE_PROMPT = "blurry"
@@ -102,3 +106,49 @@ def test_an_fp16_vae_decodes_in_fp32_and_stays_fp16(upscaler_dir):
     expected = txt2img.decode(copy.deepcopy(vae).float(), latents)[0]
     assert np.array_equal(np.asarray(upscale_x4.decode(vae, latents)), np.asarray(expected))
     assert vae.dtype == torch.float16
+
+
+def spread_latents(pipe, image: PIL.Image.Image, parties: int, tile: int) -> list[torch.Tensor]:
+    """Each party's latents, the parties run on threads meeting at a real WindowExchange."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    windows = WindowExchange(join_timeout_s=60, round_timeout_s=60)
+
+    def gather(values: dict) -> dict:
+        return asyncio.run_coroutine_threadsafe(windows.gather("image", parties, values), loop).result()
+
+    def party(rank: int) -> torch.Tensor:
+        return upscale_x4.upscale_latents(
+            pipe.unet,
+            DDIMScheduler.from_config(pipe.scheduler.config),
+            DDPMScheduler.from_config(pipe.low_res_scheduler.config),
+            upscale_x4.preprocess(image, pipe.vae_scale_factor),
+            txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, PROMPT),
+            txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, NEGATIVE_PROMPT),
+            steps=2,
+            guidance_scale=7.5,
+            noise_level=NOISE_LEVEL,
+            seed=0,
+            tile=tile,
+            share=upscale_x4.Share(rank, parties, gather),
+        )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray replica runs
+    try:
+        with ThreadPoolExecutor(parties) as pool:
+            return list(pool.map(party, range(parties)))
+    finally:
+        torch.set_num_threads(threads)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def test_windows_spread_over_parties_give_the_same_latents_as_one_party(pipe, low_res_image):
+    upscale_x4.synchronise_group_norms(pipe.unet)
+    assert len(upscale_x4.tile_windows(40, 32, 16, align=4)) == 12
+    (alone,) = spread_latents(pipe, low_res_image, parties=1, tile=16)
+    spread = spread_latents(pipe, low_res_image, parties=3, tile=16)
+    assert all(torch.equal(latents, alone) for latents in spread)
+    # The tiles matter: one window over the whole image gives other latents.
+    (one_window,) = spread_latents(pipe, low_res_image, parties=1, tile=64)
+    assert not torch.equal(one_window, alone)

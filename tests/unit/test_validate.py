@@ -1,11 +1,13 @@
 import math
 import uuid
+from pathlib import Path
 
 import pytest
 
-from renderfarm.cluster.config import LimitsConfig
+from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.model_info import ModelInfo
-from renderfarm.cluster.validate import check_id, validate_sweep
+from renderfarm.cluster.planner import UpscaleSettings
+from renderfarm.cluster.validate import check_id, validate, validate_sweep
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 
@@ -13,12 +15,22 @@ LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=2
 
 
 def model_info(model: str) -> ModelInfo:
+    if model == "builtin:tiny-sd-x4-upscaler":
+        return ModelInfo(
+            width=128, height=128, scheduler="ddim", vae_scale_factor=4, latent_channels=4, decode_segments=7,
+            decode_halo=5, is_upscaler=True, max_noise_level=350, unet_alignment=4,
+        )  # fmt: skip
     if model != "builtin:tiny-sd":
         raise ValueError(f"unknown model {model!r}")
     return ModelInfo(
         width=128, height=128, scheduler="pndm", vae_scale_factor=8, latent_channels=4, decode_segments=17, decode_halo=9,
-        is_upscaler=False, max_noise_level=0,
+        is_upscaler=False, max_noise_level=0, unet_alignment=4,
     )
+
+
+CONFIG = FarmConfig(output_dir=Path("out"), model_cache_dir=Path("models"), state_dir=Path("state"), limits=LIMITS)
+# A sweep upscaled 4x.
+CHAIN = dict(upscale=4, upscale_model="builtin:tiny-sd-x4-upscaler")
 
 
 def request(**sweep) -> pb.SweepSpec:
@@ -59,13 +71,21 @@ BAD = [
     ("sweep.model", dict(model="m" * 5000)),
     ("sweep.sizes[0]", dict(sizes=[pb.Size(width=768, height=768)])),
     ("sweep", dict(prompts=["a"] * 10, seeds=list(range(101)))),
+    ("sweep.upscale", dict(upscale=2)),
+    ("sweep.upscale", CHAIN | dict(sizes=[pb.Size(width=512, height=64)])),  # 2048 px wide, over max_side
+    ("sweep.upscale_model", CHAIN | dict(upscale_model="builtin:tiny-sd")),
+    ("sweep.upscale_model", CHAIN | dict(upscale_model="")),
+    ("sweep.upscale_noise_level", CHAIN | dict(upscale_noise_level=351)),
+    ("sweep.upscale_steps", CHAIN | dict(upscale_steps=0)),
+    ("sweep.upscale_guidance_scale", CHAIN | dict(upscale_guidance_scale=math.nan)),
+    ("sweep.upscale_tile", CHAIN | dict(upscale_tile=12)),
 ]
 
 
 @pytest.mark.parametrize("field, sweep", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
 def test_bad_sweeps_name_the_field(field, sweep):
     with pytest.raises(InvalidJobError) as raised:
-        validate_sweep(request(**sweep), LIMITS, model_info)
+        validate(pb.SubmitJobRequest(sweep=request(**sweep)), CONFIG, model_info)
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
 
@@ -101,3 +121,12 @@ def test_oversized_sweep_is_refused_before_the_model_is_resolved():
 
     with pytest.raises(InvalidJobError, match="over the limit"):
         validate_sweep(request(seeds=list(range(2000))), LIMITS, must_not_resolve)
+
+
+def test_a_chained_upscale_takes_the_upscale_jobs_defaults():
+    assert validate(pb.SubmitJobRequest(sweep=request(**CHAIN)), CONFIG, model_info).upscale == UpscaleSettings(
+        model="builtin:tiny-sd-x4-upscaler", noise_level=20, steps=75, guidance_scale=9.0, tile=128
+    )
+    for no_upscale in (0, 1):
+        sweep = request(**CHAIN | dict(upscale=no_upscale))
+        assert validate(pb.SubmitJobRequest(sweep=sweep), CONFIG, model_info).upscale is None

@@ -31,7 +31,7 @@ class Size(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class SweepSpec(_message.Message):
-    __slots__ = ("model", "prompts", "negative_prompt", "seeds", "guidance_scales", "steps", "sizes", "schedulers")
+    __slots__ = ("model", "prompts", "negative_prompt", "seeds", "guidance_scales", "steps", "sizes", "schedulers", "upscale", "upscale_model", "upscale_noise_level", "upscale_steps", "upscale_guidance_scale", "upscale_tile")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,12 @@ class SweepSpec(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
     SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_TILE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
     negative_prompt: str
@@ -48,7 +54,13 @@ class SweepSpec(_message.Message):
     steps: _containers.RepeatedScalarFieldContainer[int]
     sizes: _containers.RepeatedCompositeFieldContainer[Size]
     schedulers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scales: _Optional[_Iterable[float]] = ..., steps: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., schedulers: _Optional[_Iterable[str]] = ...) -> None: ...
+    upscale: int
+    upscale_model: str
+    upscale_noise_level: int
+    upscale_steps: int
+    upscale_guidance_scale: float
+    upscale_tile: int
+    def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scales: _Optional[_Iterable[float]] = ..., steps: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., schedulers: _Optional[_Iterable[str]] = ..., upscale: _Optional[int] = ..., upscale_model: _Optional[str] = ..., upscale_noise_level: _Optional[int] = ..., upscale_steps: _Optional[int] = ..., upscale_guidance_scale: _Optional[float] = ..., upscale_tile: _Optional[int] = ...) -> None: ...
 
 class ImageSpec(_message.Message):
     __slots__ = ("model", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
@@ -123,7 +135,7 @@ class UpscaleSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., noise_level: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., tile: _Optional[int] = ...) -> None: ...
 
 class UpscaledImageSpec(_message.Message):
-    __slots__ = ("model", "source_sha256", "prompt", "negative_prompt", "noise_level", "steps", "guidance_scale", "seed", "width", "height", "tile")
+    __slots__ = ("model", "source_sha256", "prompt", "negative_prompt", "noise_level", "steps", "guidance_scale", "seed", "width", "height", "tile", "source")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +147,7 @@ class UpscaledImageSpec(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     TILE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     source_sha256: str
     prompt: str
@@ -146,7 +159,8 @@ class UpscaledImageSpec(_message.Message):
     width: int
     height: int
     tile: int
-    def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., noise_level: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile: _Optional[int] = ...) -> None: ...
+    source: ImageSpec
+    def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., noise_level: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile: _Optional[int] = ..., source: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale")
