@@ -45,7 +45,7 @@ def file_digests(directory: Path) -> dict[str, str]:
 def test_builtin_is_built_in_the_cache_and_loads(tiny_sd_dir, model_cache_dir):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    assert tiny_sd_dir == model_cache_dir / "builtin" / "tiny-sd-v1"
+    assert tiny_sd_dir == model_cache_dir / "builtin" / f"tiny-sd-{builtin.BUILTIN_VERSION}"
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     assert isinstance(pipe.scheduler, PNDMScheduler)
     assert pipe.tokenizer.model_max_length == 77
@@ -98,7 +98,7 @@ def test_build_is_deterministic_and_leaves_global_rng_alone(name, model_cache_di
 
 
 def test_build_losing_a_race_uses_the_winners_directory(tmp_path, monkeypatch):
-    target = tmp_path / "builtin" / "racer-v1"
+    target = tmp_path / "builtin" / f"racer-{builtin.BUILTIN_VERSION}"
 
     def build_while_another_process_finishes_first(dest: Path) -> None:
         (dest / "model_index.json").write_text("{}")
@@ -108,7 +108,7 @@ def test_build_losing_a_race_uses_the_winners_directory(tmp_path, monkeypatch):
     monkeypatch.setitem(builtin.BUILTIN_MODELS, "racer", build_while_another_process_finishes_first)
     assert models.resolve_model("builtin:racer", tmp_path) == target
     assert json.loads((target / "model_index.json").read_text()) == {"winner": True}
-    assert [path.name for path in target.parent.iterdir()] == ["racer-v1"]
+    assert [path.name for path in target.parent.iterdir()] == [f"racer-{builtin.BUILTIN_VERSION}"]
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -125,7 +125,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_local_directory_refs(tiny_sd_dir, model_cache_dir, monkeypatch):
     assert models.resolve_model(str(tiny_sd_dir), model_cache_dir) == tiny_sd_dir.resolve()
     monkeypatch.chdir(tiny_sd_dir.parent)
-    for ref in ("./tiny-sd-v1", "tiny-sd-v1"):
+    for ref in (f"./tiny-sd-{builtin.BUILTIN_VERSION}", f"tiny-sd-{builtin.BUILTIN_VERSION}"):
         assert models.resolve_model(ref, model_cache_dir) == tiny_sd_dir.resolve()
 
 

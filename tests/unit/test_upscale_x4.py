@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
 
-from renderfarm.actors import models, txt2img, upscale_x4
+from renderfarm.actors import builtin, models, txt2img, upscale_x4
 from renderfarm.actors.exchange import WindowExchange
 
 PROMPT = "a red fox in the snow"
@@ -61,7 +61,7 @@ def upscale_stage_by_stage(pipe, image: PIL.Image.Image, seed: int, guidance_sca
 
 
 def test_builtin_resolves_and_loads_as_the_upscale_pipeline(upscaler_dir, model_cache_dir, pipe):
-    assert upscaler_dir == model_cache_dir / "builtin" / "tiny-sd-x4-upscaler-v1"
+    assert upscaler_dir == model_cache_dir / "builtin" / f"tiny-sd-x4-upscaler-{builtin.BUILTIN_VERSION}"
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert isinstance(pipe.low_res_scheduler, DDPMScheduler)
