@@ -57,7 +57,6 @@ CREATE TABLE IF NOT EXISTS results (
     item TEXT NOT NULL,
     PRIMARY KEY (job_id, name)
 );
-CREATE INDEX IF NOT EXISTS results_by_item ON results (job_id, item);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     seq INTEGER NOT NULL,
@@ -112,6 +111,8 @@ class JobRecord:
         self.error: str = row["error"]
         self.cancel_requested = bool(row["cancel_requested"])
         self._last_seq: int = row["last_seq"]
+        # Item keys of the recorded results, read once, when a dispatcher first asks.
+        self._done_items: set[str] | None = None
         self.appended = asyncio.Event()
 
     def request(self) -> pb.SubmitJobRequest:
@@ -152,8 +153,10 @@ class JobRecord:
 
     def is_done(self, spec: AnySpec) -> bool:
         """Whether the work item of `spec` (a planned spec; see item_key) has its result."""
-        row = self._db.execute("SELECT 1 FROM results WHERE job_id = ? AND item = ?", (self.id, spec.file_name))
-        return row.fetchone() is not None
+        if self._done_items is None:
+            rows = self._db.execute("SELECT item FROM results WHERE job_id = ?", (self.id,))
+            self._done_items = {item for (item,) in rows.fetchall()}
+        return spec.file_name in self._done_items
 
     def add_result(self, spec: AnySpec, name: str) -> bool:
         """Records a result once; False if it was already recorded (a retried or redone item)."""
@@ -168,6 +171,8 @@ class JobRecord:
             self._append(result=result_to_pb(spec, name))
             self._append(progress=pb.Progress(completed=self.completed, total=self.total))
             self._save()
+        if self._done_items is not None:
+            self._done_items.add(item_key(spec))
         self.wake_followers()
         return True
 

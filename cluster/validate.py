@@ -235,6 +235,7 @@ def validate_chained_upscale(
     for width, height in sweep.sizes:
         if max(width, height) * UPSCALE_FACTOR > max_side:
             raise invalid("sweep.upscale", f"{width}x{height} images upscale to over {max_side} pixels a side")
+        _pixels("sweep.upscale", width * UPSCALE_FACTOR, height * UPSCALE_FACTOR, config.limits)
         # The upscaler takes each image's PNG as the decoder makes it in one piece.
         if width * height > config.tiled_decode_above_pixels:
             raise invalid(
