@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from renderfarm.cluster.constants import DEFAULT_PORT
+
+
+class ConfigValueError(ValueError):
+    """A setting out of its range. The message names the key as its own dataclass spells it
+    (`replicas must be at least 1 (got 0)`); whoever puts that dataclass under a table name
+    (the farm.toml loader, the CLI) prefixes it with under("denoisers.")."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key} {problem}")
+        self.key, self.problem = key, problem
+
+    def under(self, prefix: str) -> ConfigValueError:
+        return ConfigValueError(prefix + self.key, self.problem)
+
+
+def _at_least(config, minimum, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not value >= minimum:  # `not >=`, so that NaN is refused too
+            raise ConfigValueError(key, f"must be at least {minimum} (got {value})")
 
 
 @dataclass(frozen=True)
@@ -17,6 +38,10 @@ class PoolConfig:
     # CPUs each replica reserves. 0 lets a small machine place every stage; a
     # replica then runs torch on one thread (Ray sets OMP_NUM_THREADS).
     num_cpus: float = 0.0
+
+    def __post_init__(self):
+        _at_least(self, 1, "replicas")
+        _at_least(self, 0, "num_gpus", "num_cpus")
 
 
 @dataclass(frozen=True)
@@ -31,6 +56,11 @@ class LimitsConfig:
     # Jobs queued or running at once; one more is refused with RESOURCE_EXHAUSTED.
     max_concurrent_jobs: int = 64
 
+    def __post_init__(self):
+        # Every limit is a count or a size that 0 would make useless; one that means
+        # something at 0 needs its own rule here.
+        _at_least(self, 1, *(field.name for field in dataclasses.fields(self)))
+
 
 @dataclass(frozen=True)
 class RetryConfig:
@@ -42,6 +72,14 @@ class RetryConfig:
     # The defaults wait ~15 s in all, time for Ray to restart a replica elsewhere.
     backoff_s: float = 1.0
     max_backoff_s: float = 30.0
+
+    def __post_init__(self):
+        _at_least(self, 1, "max_attempts")
+        _at_least(self, 0, "backoff_s")
+        if not self.max_backoff_s >= self.backoff_s:
+            raise ConfigValueError(
+                "max_backoff_s", f"must be at least backoff_s, {self.backoff_s} (got {self.max_backoff_s})"
+            )
 
 
 @dataclass(frozen=True)
@@ -57,7 +95,12 @@ class FarmConfig:
     port: int = DEFAULT_PORT
     # None starts a local Ray instance; "auto" or an address joins a running cluster.
     ray_address: str | None = None
+    # Images per denoiser batch; every batch runs at this shape (short ones padded), so that
+    # batching never changes a pixel.
     max_batch: int = 8
+    # How long a newly arrived item waits for companions before a short batch starts: items
+    # of jobs submitted together share a batch instead of each taking a padded one.
+    batch_wait_s: float = 0.05
     # Sweep images with more pixels than this decode in tiles across the VAE pool.
     tiled_decode_above_pixels: int = 1024 * 1024
     # Side of a tiled decode's tile core, in pixels, unless a job names its own.
@@ -71,3 +114,10 @@ class FarmConfig:
     upscale_tile: int = 128
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
+
+    def __post_init__(self):
+        # Its own settings only: each table (pools, limits, retries) checks itself when built.
+        if not 0 <= self.port <= 65535:
+            raise ConfigValueError("port", f"must be in 1-65535, or 0 for a free port (got {self.port})")
+        _at_least(self, 1, "max_batch", "tiled_decode_above_pixels", "decode_tile", "upscale_tile")
+        _at_least(self, 0, "batch_wait_s")

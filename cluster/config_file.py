@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from types import NoneType, UnionType
 
-from renderfarm.cluster.config import FarmConfig
+from renderfarm.cluster.config import ConfigValueError, FarmConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +29,8 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 
 
 def load_config(path: str | Path) -> FarmConfig:
-    """Reads a farm.toml. Unknown keys, wrong types and missing required keys raise ConfigError."""
+    """Reads a farm.toml. Unknown keys, wrong types, missing required keys and values out of
+    range (as each dataclass's __post_init__ checks them) raise ConfigError."""
     path = Path(path)
     try:
         with open(path, "rb") as file:
@@ -59,7 +60,11 @@ def _build(cls, table: dict, source: str, prefix: str):
             values[name] = _build(expected, value, source, f"{key}.")
         else:
             values[name] = _scalar(value, expected, source, key)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigValueError as error:
+        # The dataclass names its own key (`replicas`); the table it sits in is known here.
+        raise ConfigError(f"{source}: {error.under(prefix)}") from None
 
 
 def _scalar(value, expected, source: str, key: str):

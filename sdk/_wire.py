@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class JobStatus:
     completed: int
     error: str
     created_at: float
+    priority: int = 0  # as submitted: higher runs first
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,18 @@ def axis(value, name: str) -> list:
     return values
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def priority_value(value) -> int:
+    """A job's priority: an integer in the int32 range (a bool is refused); higher runs first."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not INT32_MIN <= value <= INT32_MAX:
+        raise InvalidJobError(
+            f"priority: must be an integer in [{INT32_MIN}, {INT32_MAX}] (got {value!r})", field="priority"
+        )
+    return int(value)
+
+
 def sweep_request(
     *,
     prompts,
@@ -116,8 +130,10 @@ def sweep_request(
     upscale_steps: int | None = None,
     upscale_guidance_scale: float | None = None,
     upscale_tile: int | None = None,
+    priority: int = 0,
     request_id: str | None,
 ) -> pb.SubmitJobRequest:
+    priority = priority_value(priority)
     prompts = axis(prompts, "prompts")
     widths, heights = axis(width, "width"), axis(height, "height")
     if bool(widths) != bool(heights):
@@ -140,11 +156,14 @@ def sweep_request(
             upscale_steps=upscale_steps,
             upscale_guidance_scale=upscale_guidance_scale,
         )
-    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep, priority=priority)
 
 
-def decode_request(latents, *, model: str, tile: int | None, overlap: int | None, request_id: str | None):
+def decode_request(
+    latents, *, model: str, tile: int | None, overlap: int | None, priority: int = 0, request_id: str | None
+) -> pb.SubmitJobRequest:
     """`latents`: an array-like [1, C, h, w]; numpy is imported only here, when decoding is used."""
+    priority = priority_value(priority)
     import io
 
     import numpy as np
@@ -152,13 +171,14 @@ def decode_request(latents, *, model: str, tile: int | None, overlap: int | None
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(latents), allow_pickle=False)
     decode = pb.DecodeSpec(model=model, latents_npy=buffer.getvalue(), tile=tile or 0, overlap=overlap or 0)
-    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, decode=decode)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, decode=decode, priority=priority)
 
 
 def upscale_request(
-    images, *, prompt, negative_prompt, noise_level, steps, guidance_scale, seed, model, tile, request_id
+    images, *, prompt, negative_prompt, noise_level, steps, guidance_scale, seed, model, tile, priority=0, request_id
 ) -> pb.SubmitJobRequest:
     """`images`: PIL images, paths or encoded bytes, one or a list."""
+    priority = priority_value(priority)
     upscale = pb.UpscaleSpec(
         model=model,
         images=[_image_bytes(image) for image in axis(images, "images")],
@@ -168,7 +188,7 @@ def upscale_request(
         tile=tile or 0,
     )
     _set_given(upscale, noise_level=noise_level, steps=steps, guidance_scale=guidance_scale)
-    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, upscale=upscale)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, upscale=upscale, priority=priority)
 
 
 def _set_given(message, **values) -> None:
@@ -196,6 +216,7 @@ def job_status(job: pb.Job) -> JobStatus:
         completed=job.completed,
         error=job.error,
         created_at=job.created_at,
+        priority=job.priority,
     )
 
 

@@ -62,9 +62,10 @@ class AsyncClient:
         upscale_steps: int | None = None,
         upscale_guidance_scale: float | None = None,
         upscale_tile: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> AsyncJob:
-        """See Client.sweep."""
+        """See Client.sweep; `priority` (default 0): higher runs first, strict between levels, fair share within one."""
         request = _wire.sweep_request(
             prompts=prompts,
             seeds=seeds,
@@ -81,6 +82,7 @@ class AsyncClient:
             upscale_steps=upscale_steps,
             upscale_guidance_scale=upscale_guidance_scale,
             upscale_tile=upscale_tile,
+            priority=priority,
             request_id=request_id,
         )
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
@@ -92,14 +94,18 @@ class AsyncClient:
         model: str = DEFAULT_MODEL,
         tile: int | None = None,
         overlap: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> AsyncJob:
         """Decodes latents [1, C, h, w] (as the denoiser makes them) into one image, tiled over the VAE replicas.
 
         `tile` is the side of a tile's core in pixels (default 512); `overlap` the halo around it
         (default: the decoder's full reach, which makes the result equal the one-piece decode).
+        `priority` (default 0): higher runs first, strict between levels, fair share within one; see sweep().
         """
-        request = _wire.decode_request(latents, model=model, tile=tile, overlap=overlap, request_id=request_id)
+        request = _wire.decode_request(
+            latents, model=model, tile=tile, overlap=overlap, priority=priority, request_id=request_id
+        )
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
 
     async def upscale(
@@ -114,12 +120,14 @@ class AsyncClient:
         seed: int = 0,
         model: str = DEFAULT_UPSCALER,
         tile: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> AsyncJob:
         """Upscales each image (PIL image, path or encoded bytes) 4x; one result per image.
 
         Unset parameters take StableDiffusionUpscalePipeline's defaults (noise level 20, 75 steps,
-        guidance 9). `tile` is the UNet's tile side in input pixels.
+        guidance 9). `tile` is the UNet's tile side in input pixels. `priority` (default 0): higher
+        runs first, strict between levels, fair share within one; see sweep().
         """
         request = _wire.upscale_request(
             images,
@@ -131,6 +139,7 @@ class AsyncClient:
             seed=seed,
             model=model,
             tile=tile,
+            priority=priority,
             request_id=request_id,
         )
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)

@@ -67,10 +67,13 @@ def _add_farm_options(parser: argparse.ArgumentParser) -> None:
 
 
 def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0):
-    from renderfarm.cluster.config import FarmConfig, PoolConfig
+    from renderfarm.cluster.config import ConfigValueError, FarmConfig, PoolConfig
 
-    def pool(replicas: int) -> PoolConfig:
-        return PoolConfig(replicas=replicas, num_gpus=args.gpus_per_replica)
+    def pool(name: str) -> PoolConfig:
+        try:
+            return PoolConfig(replicas=getattr(args, name), num_gpus=args.gpus_per_replica)
+        except ConfigValueError as error:  # named as in farm.toml: denoisers.replicas
+            raise error.under(f"{name}.") from None
 
     return FarmConfig(
         output_dir=args.output_dir,
@@ -80,10 +83,10 @@ def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0
         port=port,
         ray_address=args.ray_address,
         max_batch=args.max_batch,
-        encoders=pool(args.encoders),
-        denoisers=pool(args.denoisers),
-        decoders=pool(args.decoders),
-        upscalers=pool(args.upscalers),
+        encoders=pool("encoders"),
+        denoisers=pool("denoisers"),
+        decoders=pool("decoders"),
+        upscalers=pool("upscalers"),
     )
 
 
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a scheduler configured by a farm.toml (e.g. joining a Ray cluster)")
     serve.add_argument("--config", type=Path, required=True, help="the farm.toml (see the README's keys)")
 
+    priority_help = "higher runs first; strict between levels, shared fairly within one (default 0)"
     sweep = commands.add_parser("sweep", help="render every combination of prompts x seeds x settings")
     prompts = sweep.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"builtin:NAME, a diffusers directory or a HF repo id (default {DEFAULT_MODEL})")
     sweep.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
     sweep.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    sweep.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
     chained = sweep.add_argument_group("upscale each image 4x in the farm (its prompt, negative prompt and seed)")
     chained.add_argument("--upscale", type=int, help="4: the results are the 4x images (default: no upscale)")
     chained.add_argument("--upscale-model", default=DEFAULT_UPSCALER, help=f"an x4 upscaler (default {DEFAULT_UPSCALER})")
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--tile", type=int, help="tile core side in pixels (default 512)")
     decode.add_argument("--overlap", type=int, help="halo around each tile in pixels (default: exact)")
     decode.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    decode.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
     _add_farm_options(decode)
 
     upscale = commands.add_parser("upscale", help="upscale images 4x with a diffusion upscaler")
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--model", default=DEFAULT_UPSCALER, help=f"an x4 upscaler (default {DEFAULT_UPSCALER})")
     upscale.add_argument("--tile", type=int, help="UNet tile side in input pixels (default 128)")
     upscale.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    upscale.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
     _add_farm_options(upscale)
 
     jobs = commands.add_parser("jobs", help="list the farm's jobs")
@@ -227,7 +234,12 @@ def _decode(args) -> int:
     import numpy as np
 
     latents = np.load(args.latents, allow_pickle=False)
-    return _on_farm(args, lambda client: client.decode(latents, model=args.model, tile=args.tile, overlap=args.overlap))
+    return _on_farm(
+        args,
+        lambda client: client.decode(
+            latents, model=args.model, tile=args.tile, overlap=args.overlap, priority=args.priority
+        ),
+    )
 
 
 def _upscale(args) -> int:
@@ -242,6 +254,7 @@ def _upscale(args) -> int:
             seed=args.seed,
             model=args.model,
             tile=args.tile,
+            priority=args.priority,
         )
 
     return _on_farm(args, submit)
@@ -272,6 +285,7 @@ def _sweep(args) -> int:
             upscale_steps=args.upscale_steps,
             upscale_guidance_scale=args.upscale_guidance,
             upscale_tile=args.upscale_tile,
+            priority=args.priority,
         )
 
     return _on_farm(args, submit)
@@ -295,15 +309,21 @@ def _serve(config) -> int:
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        await stop.wait()
-        await farm.stop()
+        await farm.serve_until(stop)
 
-    asyncio.run(serve())
+    from renderfarm.cluster.executor import ClusterGoneError
+
+    try:
+        asyncio.run(serve())
+    except ClusterGoneError as error:
+        # Retrying into a dead cluster helps no one: exit, for the supervisor (Kubernetes, systemd) to restart.
+        print(f"renderfarm: {error}", file=sys.stderr)
+        return 3
     return 0
 
 
 def _print_status(status) -> None:
-    line = f"{status.id}  {status.state.value:<9}  {status.completed}/{status.total}"
+    line = f"{status.id}  {status.state.value:<9}  {status.completed}/{status.total}  priority {status.priority}"
     print(line + (f"  {status.error}" if status.error else ""))
 
 

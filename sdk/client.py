@@ -71,6 +71,7 @@ class Client:
         upscale_steps: int | None = None,
         upscale_guidance_scale: float | None = None,
         upscale_tile: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> Job:
         """Renders every combination of the given axes; each may be a scalar or a list.
@@ -79,6 +80,10 @@ class Client:
         native size and its own scheduler. With ``upscale=4`` each image goes on through
         the x4 upscaler inside the farm (its prompt, negative prompt and seed; the other
         settings as in upscale(), prefixed ``upscale_``), and the results are the 4x images.
+
+        `priority` (an integer, default 0): higher runs first. Strict between levels: a job's images
+        wait while a higher-priority job has images to run; within a level, images are shared fairly
+        among its jobs. A non-integer or one outside the int32 range raises InvalidJobError.
         """
         request = _wire.sweep_request(
             prompts=prompts,
@@ -96,6 +101,7 @@ class Client:
             upscale_steps=upscale_steps,
             upscale_guidance_scale=upscale_guidance_scale,
             upscale_tile=upscale_tile,
+            priority=priority,
             request_id=request_id,
         )
         return Job(self, self._call(self._stub.SubmitJob, request).job)
@@ -107,14 +113,18 @@ class Client:
         model: str = DEFAULT_MODEL,
         tile: int | None = None,
         overlap: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> Job:
         """Decodes latents [1, C, h, w] (as the denoiser makes them) into one image, tiled over the VAE replicas.
 
         `tile` is the side of a tile's core in pixels (default 512); `overlap` the halo around it
         (default: the decoder's full reach, which makes the result equal the one-piece decode).
+        `priority` (default 0): higher runs first, strict between levels, fair share within one; see sweep().
         """
-        request = _wire.decode_request(latents, model=model, tile=tile, overlap=overlap, request_id=request_id)
+        request = _wire.decode_request(
+            latents, model=model, tile=tile, overlap=overlap, priority=priority, request_id=request_id
+        )
         return Job(self, self._call(self._stub.SubmitJob, request).job)
 
     def upscale(
@@ -129,12 +139,14 @@ class Client:
         seed: int = 0,
         model: str = DEFAULT_UPSCALER,
         tile: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> Job:
         """Upscales each image (PIL image, path or encoded bytes) 4x; one result per image.
 
         Unset parameters take StableDiffusionUpscalePipeline's defaults (noise level 20, 75 steps,
-        guidance 9). `tile` is the UNet's tile side in input pixels.
+        guidance 9). `tile` is the UNet's tile side in input pixels. `priority` (default 0): higher
+        runs first, strict between levels, fair share within one; see sweep().
         """
         request = _wire.upscale_request(
             images,
@@ -146,6 +158,7 @@ class Client:
             seed=seed,
             model=model,
             tile=tile,
+            priority=priority,
             request_id=request_id,
         )
         return Job(self, self._call(self._stub.SubmitJob, request).job)

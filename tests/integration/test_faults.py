@@ -24,6 +24,8 @@ from renderfarm.actors.models import resolve_model
 from renderfarm.cluster.config import RetryConfig
 from renderfarm.spec import MANIFEST, read_spec, spec_from_json
 
+pytestmark = pytest.mark.chaos
+
 RENDERFARM = str(Path(sys.executable).parent / "renderfarm")
 SMALL = dict(steps=2, width=64, height=64)
 

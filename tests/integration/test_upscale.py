@@ -99,6 +99,7 @@ def test_replica_count_does_not_change_a_pixel(start_farm):
 GIB = 2**30
 
 
+@pytest.mark.slow
 def test_a_960x540_input_upscales_to_3840x2160_spread_over_3_replicas_within_6_gb_a_process(start_farm):
     farm = start_farm(upscalers=3, decoders=2)
     parts_before = part_counts(farm)

@@ -1,5 +1,6 @@
 """farm.toml loading: every table and type maps onto FarmConfig, and mistakes name their key."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -134,3 +135,56 @@ def test_the_readmes_example_loads(tmp_path):
     config = load_config(write(tmp_path, example))
     assert config.denoisers == PoolConfig(replicas=4, num_gpus=0.5, num_cpus=1.0)
     assert config.ray_address == "farm-renderfarm-ray-head-svc:6379"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_batch = 0", "max_batch must be at least 1 (got 0)"),
+        ("port = 70000", "port must be in 1-65535, or 0 for a free port (got 70000)"),
+        ("port = -1", "port must be in 1-65535, or 0 for a free port (got -1)"),
+        ("tiled_decode_above_pixels = 0", "tiled_decode_above_pixels must be at least 1 (got 0)"),
+        ("decode_tile = -8", "decode_tile must be at least 1 (got -8)"),
+        ("upscale_tile = 0", "upscale_tile must be at least 1 (got 0)"),
+        ("[denoisers]\nreplicas = 0", "denoisers.replicas must be at least 1 (got 0)"),
+        ("[upscalers]\nreplicas = -2", "upscalers.replicas must be at least 1 (got -2)"),
+        ("[encoders]\nnum_gpus = -0.5", "encoders.num_gpus must be at least 0 (got -0.5)"),
+        ("[encoders]\nnum_gpus = nan", "encoders.num_gpus must be at least 0 (got nan)"),
+        ("[decoders]\nnum_cpus = -1", "decoders.num_cpus must be at least 0 (got -1.0)"),
+        ("[limits]\nmax_steps = 0", "limits.max_steps must be at least 1 (got 0)"),
+        ("[limits]\nmax_concurrent_jobs = -1", "limits.max_concurrent_jobs must be at least 1 (got -1)"),
+        ("[retries]\nmax_attempts = 0", "retries.max_attempts must be at least 1 (got 0)"),
+        ("[retries]\nbackoff_s = -1", "retries.backoff_s must be at least 0 (got -1.0)"),
+        ("[retries]\nbackoff_s = 2\nmax_backoff_s = 1.5", "retries.max_backoff_s must be at least backoff_s, 2.0 (got 1.5)"),
+    ],
+)  # fmt: skip
+def test_a_value_out_of_range_names_the_key_and_the_value(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, REQUIRED + text))
+    assert str(caught.value) == f"farm.toml: {message}"
+
+
+@pytest.mark.parametrize("key", [field.name for field in dataclasses.fields(LimitsConfig)])
+def test_every_limit_must_be_positive(tmp_path, key):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, REQUIRED + f"[limits]\n{key} = 0"))
+    assert str(caught.value) == f"farm.toml: limits.{key} must be at least 1 (got 0)"
+
+
+def test_the_edges_of_each_range_load(tmp_path):
+    text = REQUIRED + """
+port = 0
+max_batch = 1
+decode_tile = 1
+[denoisers]
+replicas = 1
+num_gpus = 0
+num_cpus = 0
+[retries]
+max_attempts = 1
+backoff_s = 0
+max_backoff_s = 0
+"""
+    config = load_config(write(tmp_path, text))
+    assert (config.port, config.retries) == (0, RetryConfig(max_attempts=1, backoff_s=0.0, max_backoff_s=0.0))
+    assert load_config(write(tmp_path, REQUIRED + "port = 65535")).port == 65535
