@@ -20,10 +20,8 @@ import torch
 from renderfarm.actors import exchange, tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.actors.tiles import Tile
+from renderfarm.cluster.constants import MODELS_PER_REPLICA
 from renderfarm.spec import ImageSpec, encode_png
-
-# Models a replica keeps loaded at once; the least recently used is dropped first.
-MODELS_PER_REPLICA = 2
 
 
 def pick_device() -> tuple[str, torch.dtype]:
@@ -38,20 +36,25 @@ class _Stage:
         self._model_cache_dir = Path(model_cache_dir)
         self._device, self._dtype = pick_device()
         self._loaded: OrderedDict[str, object] = OrderedDict()
+        self._model_loads = 0
+        self._work_done = 0
         silence_progress_bars()
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The id of the node this replica runs on."""
+        return ray.get_runtime_context().get_node_id()
 
-    def peak_rss_bytes(self) -> int:
-        """This replica's peak resident memory so far."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    def stats(self) -> tuple[str, int, int, int]:
+        """(node id, peak resident memory in bytes, models loaded, work done): see cluster/stats.py."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return ray.get_runtime_context().get_node_id(), peak, self._model_loads, self._work_done
 
     def _components(self, model: str):
         if model not in self._loaded:
             if len(self._loaded) >= MODELS_PER_REPLICA:
                 self._loaded.popitem(last=False)
             self._loaded[model] = self._load(resolve_model(model, self._model_cache_dir))
+            self._model_loads += 1
         self._loaded.move_to_end(model)
         return self._loaded[model]
 
@@ -60,10 +63,6 @@ class _Stage:
 
 
 class TextEncoderStage(_Stage):
-    def __init__(self, model_cache_dir: str):
-        super().__init__(model_cache_dir)
-        self.texts_encoded = 0
-
     def _load(self, model_dir: Path):
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -71,13 +70,13 @@ class TextEncoderStage(_Stage):
         encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=self._dtype)
         return tokenizer, encoder.to(self._device).eval()
 
-    def encoded_count(self) -> int:
-        return self.texts_encoded
-
-    def encode(self, model: str, text: str) -> torch.Tensor:
+    def encode(self, model: str, *texts: str) -> tuple:
+        """One embedding per text, each encoded alone (so batching never changes it), then a marker that the
+        scheduler awaits to learn that the call ended; call with num_returns=len(texts)+1, so each embedding
+        is an object of its own."""
         tokenizer, encoder = self._components(model)
-        self.texts_encoded += 1
-        return txt2img.encode_text(tokenizer, encoder, text).cpu()
+        self._work_done += len(texts)
+        return (*(txt2img.encode_text(tokenizer, encoder, text).cpu() for text in texts), True)
 
 
 class DenoiserStage(_Stage):
@@ -89,14 +88,18 @@ class DenoiserStage(_Stage):
         vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
         return unet.to(self._device).eval(), scheduler_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
 
-    def denoise(self, model: str, batch: txt2img.DenoiseBatch, *embeds: torch.Tensor) -> torch.Tensor:
-        """`embeds`: one prompt embedding per item, then (if guided) one negative embedding per item."""
+    def denoise(self, model: str, batch: txt2img.DenoiseBatch, *embeds: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """`embeds`: one prompt embedding per item, then (if guided) one negative embedding per item.
+
+        Returns the latents and a marker the scheduler awaits to learn that this replica is free,
+        without pulling the latents; call with num_returns=2."""
         unet, scheduler_config, vae_scale_factor = self._components(model)
         count = len(batch.items)
         latents = txt2img.denoise(
             unet, scheduler_config, vae_scale_factor, batch, embeds[:count], embeds[count : 2 * count]
         )
-        return latents.cpu()
+        self._work_done += count
+        return latents.cpu(), True
 
 
 class DecoderStage(_Stage):
@@ -107,10 +110,11 @@ class DecoderStage(_Stage):
         return vae, tiled_decode.segments(vae)
 
     def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> list[bytes]:
-        """PNG bytes, one per spec, each with its spec embedded."""
+        """PNG bytes of the first len(specs) items of `latents` (the rest is a batch's padding), each with its
+        spec embedded. Each image is decoded alone, so its pixels never depend on its batch."""
         vae, _ = self._components(model)
-        images = txt2img.decode(vae, latents)
-        return [encode_png(image, spec) for image, spec in zip(images, specs, strict=True)]
+        self._work_done += len(specs)
+        return [encode_png(txt2img.decode(vae, latents[i : i + 1])[0], spec) for i, spec in enumerate(specs)]
 
     def decode_apart(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> tuple:
         """decode()'s PNGs, each an object of its own, then their SHA-256 digests; call with num_returns=len(specs)+1."""
@@ -151,14 +155,6 @@ class Spread:
 
 
 class UpscalerStage(_Stage):
-    def __init__(self, model_cache_dir: str):
-        super().__init__(model_cache_dir)
-        self.parts_run = 0
-
-    def part_count(self) -> int:
-        """Shares of spread images this replica has run."""
-        return self.parts_run
-
     def _load(self, model_dir: Path):
         from diffusers import UNet2DConditionModel
 
@@ -183,7 +179,7 @@ class UpscalerStage(_Stage):
         marker that the scheduler awaits to learn that the part ended, without pulling latents.
         """
         latents = self._upscale(model, image, spec, embeds, self._share(spread))
-        self.parts_run += 1
+        self._work_done += 1
         return (latents if spread.rank == 0 else None), True
 
     def _upscale(self, model: str, image: bytes, spec, embeds, share: upscale_x4.Share) -> torch.Tensor:

@@ -9,12 +9,14 @@ norm's input. Tiles carry a halo as wide as the convolutions' reach, so their
 cores are what the one-piece decode computes; only the order of
 floating-point sums differs.
 
-The functions here run without Ray: `tiled_decode` drives them in one
-process, and the farm's dispatcher drives the same steps across VAE replicas.
+The functions here run without Ray; `drive` is the one driver of their
+steps: `tiled_decode` runs them in one process through it, and the farm's
+executor runs the same steps across VAE replicas through it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,6 +135,19 @@ def assemble(tiles: list[Tile], pixels: list[np.ndarray], scale: int) -> PIL.Ima
     return PIL.Image.fromarray(canvas)
 
 
+async def drive(segment_count: int, prepare, run_segment) -> list:
+    """The tiled-decode driver, wherever its steps run: `prepare()` awaits (tile states, first sums);
+    `run_segment(index, tile_number, state, sums)` returns (new state, awaitable partial sums). Every segment runs
+    on every tile with its norm's statistics summed over all tiles' cores; returns the tiles' final states."""
+    states, sums = await prepare()
+    for index in range(segment_count):
+        results = [run_segment(index, number, state, sums) for number, state in enumerate(states)]
+        states = [state for state, _ in results]
+        if index + 1 < segment_count:
+            sums = sum(await asyncio.gather(*(tile_sums for _, tile_sums in results)))
+    return states
+
+
 def tiled_decode(vae: AutoencoderKL, latents: torch.Tensor, core: int, halo: int | None = None) -> PIL.Image.Image:
     """One image's tiled decode in this process. `core` and `halo` are in latent pixels."""
     config = vae.config
@@ -140,11 +155,18 @@ def tiled_decode(vae: AutoencoderKL, latents: torch.Tensor, core: int, halo: int
         halo = exact_halo(len(config.block_out_channels), config.layers_per_block + 1)
     tiles = plan_tiles(latents.shape[-2], latents.shape[-1], core, halo)
     cut = segments(vae)
-    states, sums = prepare(vae, latents, tiles)
-    for index in range(len(cut)):
-        results = [run_segment(cut, index, tile, state, sums) for tile, state in zip(tiles, states)]
-        states = [state for state, _ in results]
-        if index + 1 < len(cut):
-            sums = sum(tile_sums for _, tile_sums in results)
+
+    async def prepare_here():
+        return prepare(vae, latents, tiles)
+
+    def segment_here(index: int, number: int, state: TileState, sums: np.ndarray):
+        state, next_sums = run_segment(cut, index, tiles[number], state, sums)
+        return state, _resolved(next_sums)
+
+    states = asyncio.run(drive(len(cut), prepare_here, segment_here))
     scale = cut[-1].scale
     return assemble(tiles, [to_pixels(tile, state, scale) for tile, state in zip(tiles, states)], scale)
+
+
+async def _resolved(value):
+    return value

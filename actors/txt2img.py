@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from renderfarm.actors.schedulers import make_scheduler
+from renderfarm.spec import guided
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class DenoiseBatch:
     def guided(self) -> bool:
         # The pipeline skips the unconditional pass when guidance_scale <= 1; the planner
         # never mixes guided and unguided items in a batch.
-        return self.items[0].guidance_scale > 1
+        return guided(self.items[0].guidance_scale)
 
 
 def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, text: str) -> torch.Tensor:

@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from renderfarm.actors import txt2img
+from renderfarm.spec import guided
 
 
 def preprocess(image: PIL.Image.Image, vae_scale_factor: int) -> torch.Tensor:
@@ -78,9 +79,9 @@ def upscale_latents(
     device = unet.device
     # The pipeline keeps the image and the latents in the text encoder's dtype.
     dtype = prompt_embeds.dtype
-    guided = guidance_scale > 1
+    with_guidance = guided(guidance_scale)
     embeds = prompt_embeds.to(device=device)
-    if guided:
+    if with_guidance:
         embeds = torch.cat([negative_embeds.to(device=device, dtype=dtype), embeds])
 
     with torch.inference_mode():
@@ -93,7 +94,7 @@ def upscale_latents(
         noise_level = torch.tensor([noise_level], dtype=torch.long, device=device)
         noise = randn_tensor(image.shape, generator=generator, device=device, dtype=dtype)
         image = low_res_scheduler.add_noise(image, noise, noise_level)
-        if guided:
+        if with_guidance:
             image = torch.cat([image] * 2)
         # The UNet takes the noise level as its class label, one per batch row.
         noise_level = torch.cat([noise_level] * image.shape[0])
@@ -108,7 +109,7 @@ def upscale_latents(
         align = unet_alignment(unet.config.block_out_channels)
         windows = tile_windows(image.shape[2], image.shape[3], tile, align)
         for t in scheduler.timesteps:
-            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = torch.cat([latents] * 2) if with_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
             model_input = torch.cat([model_input, image], dim=1)
 
@@ -118,7 +119,7 @@ def upscale_latents(
                 )[0]
 
             noise_pred = blended(predict, model_input, windows, latent_channels, share)
-            if guided:
+            if with_guidance:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]

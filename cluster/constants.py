@@ -32,9 +32,16 @@ SAFE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 # A model reference is at most a path; Linux's PATH_MAX bounds what a file system call accepts.
 MAX_MODEL_REF_CHARS = 4096
 
-# Batches in flight per denoiser replica: one running, one queued behind it, so
-# a replica never idles while the scheduler plans.
-BATCHES_IN_FLIGHT_PER_DENOISER = 2
+# Batches in flight per replica: one running, one queued behind it, so a replica
+# never idles while the scheduler plans.
+BATCHES_IN_FLIGHT_PER_REPLICA = 2
+# Models a replica keeps loaded at once; the least recently used is dropped first.
+# The scheduler mirrors this to send a batch where its model already is.
+MODELS_PER_REPLICA = 2
+# Text embeddings (refs into Ray's object store) the scheduler keeps for reuse across jobs.
+TEXT_CACHE_ENTRIES = 4096
+# How long a node-liveness or cluster check may take before the cluster counts as gone.
+CLUSTER_CHECK_TIMEOUT_S = 20.0
 
 # How long stage replicas may take to start (a cold start imports torch and may
 # build a builtin model) before the farm reports that they cannot be placed.

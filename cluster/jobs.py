@@ -5,10 +5,16 @@ replays the log after a sequence number and then follows it, across scheduler
 restarts. Result events keep the spec and the file name only: image bytes live
 in the result store, never here (DESIGN.md invariant 4).
 
-A result is recorded in one transaction with its events, keyed by its file name
-(a function of its spec): an item that is retried, or redone after a restart,
-finds its row and counts nothing twice. The results index is also the record of
-which work items are finished, so a resumed job skips them.
+Results are recorded by group commit: every result that arrived while the
+last transaction ran goes into the next one, with its events, keyed by its
+file name (a function of its spec), so an item that is retried, or redone after
+a restart, finds its row and counts nothing twice; followers are woken only
+after the commit, so no client sees a result that is not durable. The results
+index is also the record of which work items are finished, so a resumed job
+skips them.
+
+A job's state changes through one door, JobRecord.change_state, which only the
+engine calls; LEGAL_CHANGES says which changes exist.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ STATE_TO_PB = {
     JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
     JobState.FAILED: pb.JOB_STATE_FAILED,
     JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+
+# QUEUED until the first item is dispatched; every finished state is final.
+LEGAL_CHANGES = {
+    JobState.QUEUED: {JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
 }
 
 DATABASE = "jobs.sqlite3"
@@ -56,6 +68,13 @@ CREATE TABLE IF NOT EXISTS results (
     -- The work item the result finishes: see item_key.
     item TEXT NOT NULL,
     PRIMARY KEY (job_id, name)
+);
+-- Failed attempts of work items, so that a restarted scheduler does not grant them fresh ones.
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    item TEXT NOT NULL,
+    failures INTEGER NOT NULL,
+    PRIMARY KEY (job_id, item)
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs (id),
@@ -111,8 +130,9 @@ class JobRecord:
         self.error: str = row["error"]
         self.cancel_requested = bool(row["cancel_requested"])
         self._last_seq: int = row["last_seq"]
-        # Item keys of the recorded results, read once, when a dispatcher first asks.
+        # Item keys of the recorded results, and failed attempts per item, read once, when first asked.
         self._done_items: set[str] | None = None
+        self._failures: dict[str, int] | None = None
         self.appended = asyncio.Event()
 
     def request(self) -> pb.SubmitJobRequest:
@@ -139,10 +159,17 @@ class JobRecord:
         self.appended.set()
         self.appended = asyncio.Event()
 
-    def set_running(self) -> None:
+    @property
+    def priority(self) -> int:
+        return self.summary.priority
+
+    def change_state(self, state: JobState, error: str = "") -> None:
+        """The one door for state changes (the engine's); a finished job's state is final."""
+        if state not in LEGAL_CHANGES.get(self.state, ()):
+            raise ValueError(f"job {self.id} cannot go from {self.state.value} to {state.value}")
         with self._db:
-            self.state = JobState.RUNNING
-            self._append(state=STATE_TO_PB[JobState.RUNNING])
+            self.state, self.error = state, error
+            self._append(state=STATE_TO_PB[state], error=error)
             self._save()
         self.wake_followers()
 
@@ -153,41 +180,53 @@ class JobRecord:
 
     def is_done(self, spec: AnySpec) -> bool:
         """Whether the work item of `spec` (a planned spec; see item_key) has its result."""
+        return item_key(spec) in self._done()
+
+    def _done(self) -> set[str]:
         if self._done_items is None:
             rows = self._db.execute("SELECT item FROM results WHERE job_id = ?", (self.id,))
             self._done_items = {item for (item,) in rows.fetchall()}
-        return spec.file_name in self._done_items
+        return self._done_items
 
-    def add_result(self, spec: AnySpec, name: str) -> bool:
-        """Records a result once; False if it was already recorded (a retried or redone item)."""
+    def failures(self, spec: AnySpec) -> int:
+        """Failed attempts of the work item of `spec` so far, across scheduler restarts."""
+        if self._failures is None:
+            rows = self._db.execute("SELECT item, failures FROM attempts WHERE job_id = ?", (self.id,))
+            self._failures = dict(rows.fetchall())
+        return self._failures.get(spec.file_name, 0)
+
+    def count_failure(self, spec: AnySpec) -> int:
+        """Records one more failed attempt of `spec`'s work item; returns the failures so far."""
+        failures = self.failures(spec) + 1
         with self._db:
-            inserted = self._db.execute(
-                "INSERT OR IGNORE INTO results (job_id, name, spec, item) VALUES (?, ?, ?, ?)",
-                (self.id, name, spec.to_json(), item_key(spec)),
-            ).rowcount
-            if not inserted:
-                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO attempts (job_id, item, failures) VALUES (?, ?, ?)",
+                (self.id, spec.file_name, failures),
+            )
+        self._failures[spec.file_name] = failures
+        return failures
+
+    def _record(self, spec: AnySpec, name: str) -> bool:
+        """Adds one result and its event; call inside a transaction. False if it was already there."""
+        inserted = self._db.execute(
+            "INSERT OR IGNORE INTO results (job_id, name, spec, item) VALUES (?, ?, ?, ?)",
+            (self.id, name, spec.to_json(), item_key(spec)),
+        ).rowcount
+        if inserted:
             self.completed += 1
             self._append(result=result_to_pb(spec, name))
-            self._append(progress=pb.Progress(completed=self.completed, total=self.total))
-            self._save()
-        if self._done_items is not None:
-            self._done_items.add(item_key(spec))
-        self.wake_followers()
-        return True
+            self._done().add(item_key(spec))
+        return bool(inserted)
+
+    def _record_progress(self) -> None:
+        self._append(progress=pb.Progress(completed=self.completed, total=self.total))
+        self._save()
 
     def results(self) -> Iterator[tuple[str, AnySpec]]:
         """(file name, spec) of every recorded result, in the order they were recorded."""
         rows = self._db.execute("SELECT name, spec FROM results WHERE job_id = ? ORDER BY rowid", (self.id,))
         for name, spec in rows.fetchall():
             yield name, spec_from_json(spec)
-
-    def finish(self, state: JobState, error: str = "") -> None:
-        with self._db:
-            self.state, self.error = state, error
-            self._append(state=STATE_TO_PB[state], error=error)
-            self._save()
-        self.wake_followers()
 
     def to_pb(self) -> pb.Job:
         job = pb.Job(
@@ -197,6 +236,7 @@ class JobRecord:
             completed=self.completed,
             error=self.error,
             created_at=self.created_at,
+            priority=self.priority,
         )
         kind = self.summary.WhichOneof("kind")
         getattr(job, kind).CopyFrom(getattr(self.summary, kind))
@@ -243,6 +283,23 @@ class JobStore:
         self._jobs[job.id] = job
         return job
 
+    def add_results(self, results: list[tuple[JobRecord, AnySpec, str]]) -> list[tuple[JobRecord, AnySpec, str]]:
+        """Records (job, spec, file name) results in one transaction, each once; returns those that were new.
+
+        Each job that got results gets one progress event after them; followers wake after the commit.
+        """
+        new, touched = [], {}
+        with self._db:
+            for job, spec, name in results:
+                if job._record(spec, name):
+                    new.append((job, spec, name))
+                    touched[job.id] = job
+            for job in touched.values():
+                job._record_progress()
+        for job in touched.values():
+            job.wake_followers()
+        return new
+
     def by_request_id(self, request_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT id FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
         return self._jobs[row["id"]] if row else None
@@ -256,8 +313,9 @@ class JobStore:
     def unfinished(self) -> list[JobRecord]:
         return [job for job in self._jobs.values() if not job.state.finished]
 
-    async def follow(self, job: JobRecord, after_seq: int) -> AsyncIterator[pb.JobEvent | None]:
-        """The job's events after `after_seq`, then new ones as they come, until its final event.
+    async def follow(self, job: JobRecord, after_seq: int) -> AsyncIterator[list[pb.JobEvent] | None]:
+        """The job's events after `after_seq`, then new ones as they come, until its final event; in runs
+        of up to EVENTS_PER_READ, as they are read from the log.
 
         Yields None, and ends, if the scheduler stops first.
         """
@@ -265,9 +323,8 @@ class JobStore:
         while True:
             appended = job.appended
             while events := job.events_after(seq):
-                for event in events:
-                    seq = event.seq
-                    yield event
+                seq = events[-1].seq
+                yield events
             if job.state.finished:
                 return
             if self._stopping:

@@ -35,9 +35,10 @@ class LocalResultStore:
         _replace_atomically(directory / spec.file_name, png)
         return spec.file_name
 
-    def add_to_manifest(self, job_id: str, name: str, spec: AnySpec) -> None:
+    def add_to_manifest(self, job_id: str, specs: Iterable[AnySpec]) -> None:
+        """Appends a line for each newly recorded result (each stored under its spec's file name)."""
         with open(self.job_dir(job_id) / MANIFEST, "a", encoding="utf-8") as manifest:
-            manifest.write(manifest_line(name, spec))
+            manifest.write("".join(manifest_line(spec.file_name, spec) for spec in specs))
 
     def rewrite_manifest(self, job_id: str, results: Iterable[tuple[str, AnySpec]]) -> None:
         directory = self.job_dir(job_id)

@@ -9,16 +9,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from renderfarm._wire import JobState
+from renderfarm.cluster import kinds
 from renderfarm.cluster.auth import BearerTokenInterceptor
 from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import SERVER_OPTIONS, SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.model_info import ModelInfo, model_info
-from renderfarm.cluster.planner import Work
 from renderfarm.cluster.results import LocalResultStore
 from renderfarm.cluster.rpc import SERVICE_NAME, abort, abort_invalid, service_handler
-from renderfarm.cluster.validate import check_id, validate
+from renderfarm.cluster.stats import FarmStats
+from renderfarm.cluster.validate import check_id
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 from renderfarm.v1 import farm_pb2_grpc
@@ -27,12 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
-    def __init__(self, config: FarmConfig, jobs: JobStore, store: LocalResultStore, dispatcher):
+    def __init__(self, config: FarmConfig, jobs: JobStore, store: LocalResultStore, engine):
         self._config = config
         self._jobs = jobs
         self._store = store
-        self._dispatcher = dispatcher
-        self._running: set[asyncio.Task] = set()
+        self._engine = engine
         self._draining = False
 
     async def SubmitJob(self, request, context):
@@ -42,7 +41,7 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the farm is shutting down; submit again once it is back")
         try:
             # Resolving a model may build or read files: keep it off the event loop.
-            work = await asyncio.to_thread(validate, request, self._config, self._model_info)
+            work = await asyncio.to_thread(kinds.validate, request, self._config, self._model_info)
         except InvalidJobError as error:
             await abort_invalid(context, error)
         # A retry of this request may have created the job while this one was validated.
@@ -57,29 +56,8 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
                 f"(max_concurrent_jobs = {self._config.limits.max_concurrent_jobs}); submit again when one ends",
             )
         job = self._jobs.create(request, work.total)
-        self._start(job, work)
+        self._engine.submit(job, work)
         return pb.SubmitJobResponse(job=job.to_pb())
-
-    def _start(self, job: JobRecord, work: Work) -> None:
-        task = asyncio.create_task(self._dispatcher.run(job, work))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-
-    async def resume_unfinished(self) -> None:
-        """Picks up the jobs a previous scheduler on this state dir left unfinished; their done items stay done."""
-        for job in self._jobs.unfinished():
-            if job.cancel_requested:
-                job.finish(JobState.CANCELLED)
-                continue
-            try:
-                work = await asyncio.to_thread(validate, job.request(), self._config, self._model_info)
-            except InvalidJobError as error:
-                job.finish(JobState.FAILED, f"cannot resume: {error}")
-                continue
-            # The manifest may lack the last result, or end in a torn line, if the process died writing it.
-            await asyncio.to_thread(self._store.rewrite_manifest, job.id, list(job.results()))
-            log.info("resuming job %s: %d of %d images done", job.id, job.completed, job.total)
-            self._start(job, work)
 
     def _model_info(self, model: str) -> ModelInfo:
         return model_info(model, self._config.model_cache_dir)
@@ -109,21 +87,25 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
                 "job_id",
                 f"job_id: job {job.id} already ended {job.state.value}",
             )
-        job.request_cancel()
+        self._engine.cancel(job)
         return pb.CancelJobResponse(job=job.to_pb())
 
     async def StreamJobEvents(self, request, context):
         job = await self._job(request.job_id, context)
-        async for event in self._jobs.follow(job, request.after_seq):
-            if event is None:
+        async for events in self._jobs.follow(job, request.after_seq):
+            if events is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is stopping; resume from the last seq")
-            if event.WhichOneof("kind") == "result" and not request.omit_images:
-                png = await asyncio.to_thread(self._store.read, job.id, event.result.name)
-                with_image = pb.JobEvent()
-                with_image.CopyFrom(event)
-                with_image.result.png = png
-                event = with_image
-            yield event
+            if not request.omit_images:
+                events = await asyncio.to_thread(self._with_images, job.id, events)
+            for event in events:
+                yield event
+
+    def _with_images(self, job_id: str, events: list[pb.JobEvent]) -> list[pb.JobEvent]:
+        """The events with each result's PNG read in; one trip to a thread for a whole read of the log."""
+        for event in events:
+            if event.WhichOneof("kind") == "result":
+                event.result.png = self._store.read(job_id, event.result.name)
+        return events
 
     async def drain(self) -> None:
         """Refuses new jobs, stops dispatching and lets in-flight items finish and be stored.
@@ -132,8 +114,7 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         the state dir to resume; their streams end UNAVAILABLE, which clients resume from.
         """
         self._draining = True
-        self._dispatcher.stop_dispatching()
-        await asyncio.gather(*self._running, return_exceptions=True)
+        await self._engine.drain()
         self._jobs.stop_following()
 
 
@@ -147,7 +128,7 @@ class Farm:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._service: RenderFarmService | None = None
-        self._dispatcher = None
+        self._engine = None
         self._health = HealthServicer()
 
     @property
@@ -166,15 +147,16 @@ class Farm:
             )
 
     async def start(self) -> None:
-        from renderfarm.cluster.dispatcher import Dispatcher
+        from renderfarm.cluster.engine import Engine
 
         self.connect_ray()
         store = LocalResultStore(self.config.output_dir)
-        self._dispatcher = Dispatcher(self.config, store)
-        await self._dispatcher.ready()
         self._jobs = JobStore(self.config.state_dir)
-        self._service = RenderFarmService(self.config, self._jobs, store, self._dispatcher)
-        await self._service.resume_unfinished()
+        self._engine = Engine(self.config, self._jobs, store, lambda model: model_info(model, self.config.model_cache_dir))
+        await self._engine.start()
+        self._service = RenderFarmService(self.config, self._jobs, store, self._engine)
+        for job in self._jobs.unfinished():
+            await self._engine.resume(job)
         interceptors = [BearerTokenInterceptor(self._token, SERVICE_NAME)] if self._token else []
         self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self._server.add_generic_rpc_handlers((service_handler(self._service),))
@@ -190,8 +172,25 @@ class Farm:
         await self._health.enter_graceful_shutdown()
         await self._service.drain()
         await self._server.stop(SHUTDOWN_GRACE_S)
-        self._dispatcher.shutdown()
+        self._engine.executor.shutdown()
         self._jobs.close()
 
-    async def wait(self) -> None:
-        await self._server.wait_for_termination()
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serves until `stop` is set, then stops gracefully. Raises ClusterGoneError, after stopping what it
+        can, if the Ray cluster dies first: nothing could run, so the supervisor should restart the farm."""
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopped, self._engine.cluster_gone], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if self._engine.cluster_gone.done():
+            await self._health.enter_graceful_shutdown()
+            self._jobs.stop_following()
+            await self._server.stop(SHUTDOWN_GRACE_S)
+            self._jobs.close()
+            self._engine.cluster_gone.result()
+        await self.stop()
+
+    def stats(self) -> FarmStats:
+        """Replicas per stage with their peak memory and model loads, batches run and their sizes, encoder calls.
+
+        Blocks on the replicas: call it from any thread but the farm's event loop (an EmbeddedFarm's caller)."""
+        return self._engine.executor.stats()

@@ -143,6 +143,12 @@ class UpscaledImageSpec(_Spec):
 AnySpec = ImageSpec | DecodedImageSpec | UpscaledImageSpec
 
 
+def guided(guidance_scale: float) -> bool:
+    """Whether an image runs classifier-free guidance: the diffusers pipelines skip the unconditional pass
+    (and the negative prompt) at guidance_scale <= 1. Guided and unguided images never share a batch."""
+    return guidance_scale > 1
+
+
 def spec_from_json(text: str) -> AnySpec:
     fields = json.loads(text)
     if "latents_sha256" in fields:

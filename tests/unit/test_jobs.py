@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from renderfarm._wire import JobState
 from renderfarm.cluster.jobs import JobStore
 from renderfarm.spec import ImageSpec
@@ -17,26 +19,68 @@ def spec(seed: int) -> ImageSpec:
 
 def events(store: JobStore, job_id: str, after_seq: int = 0) -> list[pb.JobEvent]:
     async def collect():
-        return [event async for event in store.follow(store.get(job_id), after_seq)]
+        found = []
+        async for run in store.follow(store.get(job_id), after_seq):
+            found.extend([None] if run is None else run)
+        return found
 
     return asyncio.run(collect())
+
+
+def record(store: JobStore, job, *specs) -> list:
+    return store.add_results([(job, s, s.file_name) for s in specs])
 
 
 def test_a_result_recorded_twice_counts_once(tmp_path):
     store = JobStore(tmp_path)
     job = store.create(REQUEST, total=2)
-    assert job.add_result(spec(0), spec(0).file_name)
-    assert not job.add_result(spec(0), spec(0).file_name)
+    assert len(record(store, job, spec(0))) == 1
+    assert record(store, job, spec(0)) == []
     assert job.is_done(spec(0)) and not job.is_done(spec(1))
     assert job.completed == 1
     assert [name for name, _ in job.results()] == [spec(0).file_name]
 
 
+def test_results_of_many_jobs_are_committed_together_with_one_progress_event_per_job(tmp_path):
+    store = JobStore(tmp_path)
+    first, second = store.create(REQUEST, total=3), store.create(pb.SubmitJobRequest(sweep=REQUEST.sweep), total=1)
+    new = store.add_results([(first, spec(0), spec(0).file_name), (second, spec(0), spec(0).file_name),
+                             (first, spec(1), spec(1).file_name), (first, spec(1), spec(1).file_name)])  # fmt: skip
+    assert [(job.id, s) for job, s, _ in new] == [(first.id, spec(0)), (second.id, spec(0)), (first.id, spec(1))]
+    store.stop_following()
+    kinds = [e.WhichOneof("kind") for e in events(store, first.id)[:-1]]  # the last: None, for a stopping store
+    assert kinds == ["state", "result", "result", "progress"]
+    assert (first.completed, second.completed) == (2, 1)
+
+
+def test_a_job_changes_state_through_one_door_and_a_finished_state_is_final(tmp_path):
+    job = JobStore(tmp_path).create(REQUEST, total=1)
+    assert job.state == JobState.QUEUED
+    job.change_state(JobState.RUNNING)
+    with pytest.raises(ValueError, match="cannot go from running to queued"):
+        job.change_state(JobState.QUEUED)
+    job.change_state(JobState.FAILED, "poison")
+    for state in JobState:
+        with pytest.raises(ValueError, match="cannot go from failed"):
+            job.change_state(state)
+    assert (job.state, job.error) == (JobState.FAILED, "poison")
+
+
+def test_failed_attempts_survive_a_restart(tmp_path):
+    store = JobStore(tmp_path)
+    job = store.create(REQUEST, total=2)
+    assert [job.count_failure(spec(0)) for _ in range(3)] == [1, 2, 3]
+    store.close()
+    found = JobStore(tmp_path).get(job.id)
+    assert (found.failures(spec(0)), found.failures(spec(1))) == (3, 0)
+    assert found.count_failure(spec(0)) == 4
+
+
 def test_a_new_store_on_the_same_dir_finds_jobs_results_and_events(tmp_path):
     store = JobStore(tmp_path)
     job = store.create(REQUEST, total=2)
-    job.set_running()
-    job.add_result(spec(0), spec(0).file_name)
+    job.change_state(JobState.RUNNING)
+    record(store, job, spec(0))
     job.request_cancel()
     store.close()
 
@@ -45,8 +89,8 @@ def test_a_new_store_on_the_same_dir_finds_jobs_results_and_events(tmp_path):
     assert (found.id, found.state, found.completed, found.total) == (job.id, JobState.RUNNING, 1, 2)
     assert found.cancel_requested and found.is_done(spec(0))
     assert found.request() == REQUEST and reopened.by_request_id("r-1") is found
-    found.add_result(spec(1), spec(1).file_name)
-    found.finish(JobState.SUCCEEDED)
+    record(reopened, found, spec(1))
+    found.change_state(JobState.SUCCEEDED)
 
     log = events(reopened, job.id)
     assert [e.seq for e in log] == list(range(1, len(log) + 1))
@@ -75,7 +119,8 @@ def test_a_sweep_image_upscaled_in_the_farm_finishes_its_sweep_item(tmp_path):
     chained = UpscaledImageSpec(model="builtin:tiny-sd-x4-upscaler", source_sha256="ab" * 32, prompt="a fox",
                                 negative_prompt="", noise_level=20, steps=2, guidance_scale=9.0, seed=0,
                                 width=256, height=256, tile=128, source=spec(0))  # fmt: skip
-    job = JobStore(tmp_path).create(REQUEST, total=2)
-    job.add_result(chained, chained.file_name)
+    store = JobStore(tmp_path)
+    job = store.create(REQUEST, total=2)
+    record(store, job, chained)
     assert job.is_done(spec(0)) and not job.is_done(spec(1))
     assert list(job.results()) == [(chained.file_name, chained)]

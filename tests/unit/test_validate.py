@@ -6,8 +6,10 @@ import pytest
 
 from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.model_info import ModelInfo
-from renderfarm.cluster.planner import UpscaleSettings
-from renderfarm.cluster.validate import check_id, validate, validate_sweep
+from renderfarm.cluster import kinds
+from renderfarm.cluster.kinds import sweep as sweep_kind
+from renderfarm.cluster.kinds.upscale import UpscaleSettings
+from renderfarm.cluster.validate import check_id
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
 
@@ -40,7 +42,7 @@ def request(**sweep) -> pb.SweepSpec:
 
 
 def test_unset_axes_take_defaults():
-    sweep = validate_sweep(request(), LIMITS, model_info)
+    sweep = sweep_kind.validate(request(), CONFIG, model_info)
     assert sweep.seeds == (0,) and sweep.guidance_scales == (7.5,) and sweep.steps == (50,)
     assert sweep.sizes == ((128, 128),) and sweep.schedulers == ("pndm",)
 
@@ -85,21 +87,21 @@ BAD = [
 @pytest.mark.parametrize("field, sweep", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
 def test_bad_sweeps_name_the_field(field, sweep):
     with pytest.raises(InvalidJobError) as raised:
-        validate(pb.SubmitJobRequest(sweep=request(**sweep)), CONFIG, model_info)
+        kinds.validate(pb.SubmitJobRequest(sweep=request(**sweep)), CONFIG, model_info)
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
 
 
 def test_a_model_reference_that_names_a_place_is_still_accepted():
     for model in ("builtin:tiny-sd", "org/name", "/srv/models/sd-1.5", "./models/sd", "~/models/sd..v2"):
-        assert validate_sweep(request(model=model), LIMITS, lambda _: model_info("builtin:tiny-sd")).model == model
+        assert sweep_kind.validate(request(model=model), CONFIG, lambda _: model_info("builtin:tiny-sd")).model == model
 
 
 def test_the_image_count_is_checked_before_any_value_is_read():
     # Every value here is bad, and 1000 ** 3 images: the count is what answers, from the axes' lengths alone.
     huge = request(prompts=[""] * 1000, seeds=[-1] * 1000, guidance_scales=[math.nan] * 1000)
     with pytest.raises(InvalidJobError, match="1000000000 images is over the limit") as raised:
-        validate_sweep(huge, LIMITS, model_info)
+        sweep_kind.validate(huge, CONFIG, model_info)
     assert raised.value.field == "sweep"
 
 
@@ -120,13 +122,23 @@ def test_oversized_sweep_is_refused_before_the_model_is_resolved():
         raise AssertionError("resolved a model for a refused sweep")
 
     with pytest.raises(InvalidJobError, match="over the limit"):
-        validate_sweep(request(seeds=list(range(2000))), LIMITS, must_not_resolve)
+        sweep_kind.validate(request(seeds=list(range(2000))), CONFIG, must_not_resolve)
 
 
 def test_a_chained_upscale_takes_the_upscale_jobs_defaults():
-    assert validate(pb.SubmitJobRequest(sweep=request(**CHAIN)), CONFIG, model_info).upscale == UpscaleSettings(
+    assert kinds.validate(pb.SubmitJobRequest(sweep=request(**CHAIN)), CONFIG, model_info).upscale == UpscaleSettings(
         model="builtin:tiny-sd-x4-upscaler", noise_level=20, steps=75, guidance_scale=9.0, tile=128
     )
     for no_upscale in (0, 1):
         sweep = request(**CHAIN | dict(upscale=no_upscale))
-        assert validate(pb.SubmitJobRequest(sweep=sweep), CONFIG, model_info).upscale is None
+        assert kinds.validate(pb.SubmitJobRequest(sweep=sweep), CONFIG, model_info).upscale is None
+
+
+def test_a_resumed_job_is_replanned_not_readmitted_so_a_lowered_limit_does_not_fail_it():
+    admitted = pb.SubmitJobRequest(sweep=request(seeds=list(range(2000))))
+    with pytest.raises(InvalidJobError, match="2000 images is over the limit of 1000"):
+        kinds.validate(admitted, CONFIG, model_info)
+    assert kinds.replan(admitted, CONFIG, model_info).total == 2000
+    # A field that is wrong whatever the limits still fails a resume.
+    with pytest.raises(InvalidJobError, match="sweep.steps"):
+        kinds.replan(pb.SubmitJobRequest(sweep=request(steps=[0])), CONFIG, model_info)

@@ -1,0 +1,109 @@
+"""How each stage actor method is called: its argument layout, its num_returns, and what must come back.
+
+The one place that knows the actors' calling conventions (actors/stages.py);
+the executor calls these functions, never `.remote` itself. A stage that
+returns other than it promised (say, fewer PNGs than specs) raises
+StageContractError here, at the boundary, not as a zip that quietly drops
+images further on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from renderfarm.actors import stages, tiled_decode
+from renderfarm.actors.tiles import plan_tiles
+from renderfarm.actors.txt2img import DenoiseBatch
+from renderfarm.cluster.model_info import ModelInfo
+
+
+class StageContractError(RuntimeError):
+    """A stage replica returned something other than its method promises."""
+
+
+def _expect(method: str, values: Sequence, count: int) -> None:
+    if len(values) != count:
+        raise StageContractError(f"{method} returned {len(values)} values for {count} inputs")
+
+
+async def ready(actor) -> str:
+    """The id of the node the replica runs on, once it has started."""
+    return await actor.ready.remote()
+
+
+async def stats(actor) -> tuple[str, int, int, int]:
+    return await actor.stats.remote()
+
+
+def encode(actor, model: str, texts: Sequence[str]) -> tuple[list, object]:
+    """One embedding ref per text, and a marker that resolves when the call has ended."""
+    *embeddings, done = actor.encode.options(num_returns=len(texts) + 1).remote(model, *texts)
+    return embeddings, done
+
+
+def denoise(actor, model: str, batch: DenoiseBatch, prompt_embeds: Sequence, negative_embeds: Sequence):
+    """(latents ref [B, C, h, w], marker that resolves when the replica is free again)."""
+    if len(prompt_embeds) != len(batch.items) or len(negative_embeds) not in (0, len(batch.items)):
+        raise StageContractError(
+            f"a denoise batch of {len(batch.items)} got {len(prompt_embeds)} and {len(negative_embeds)} embeddings"
+        )
+    latents, done = actor.denoise.options(num_returns=2).remote(model, batch, *prompt_embeds, *negative_embeds)
+    return latents, done
+
+
+async def decode(actor, model: str, latents, specs: Sequence) -> list[bytes]:
+    """PNGs of the first len(specs) images of `latents`, in order."""
+    pngs = await actor.decode.remote(model, latents, list(specs))
+    _expect("decode", pngs, len(specs))
+    return pngs
+
+
+async def decode_apart(actor, model: str, latents, specs: Sequence) -> tuple[list, list[str]]:
+    """Each PNG as an object of its own (refs, never pulled here), and their SHA-256 digests."""
+    *pngs, digests = actor.decode_apart.options(num_returns=len(specs) + 1).remote(model, latents, list(specs))
+    digests = await digests
+    _expect("decode_apart", digests, len(specs))
+    return pngs, digests
+
+
+async def tiled_decode_image(
+    next_actor: Callable[[], object], model: str, info: ModelInfo, latents, item: int, spec, core: int, halo: int
+) -> bytes:
+    """One image (item `item` of `latents`) decoded in tiles spread over the VAE replicas `next_actor` hands out."""
+    tiles = plan_tiles(spec.height // info.vae_scale_factor, spec.width // info.vae_scale_factor, core, halo)
+
+    async def prepare():
+        *states, sums = next_actor().tiled_prepare.options(num_returns=len(tiles) + 1).remote(
+            model, latents, item, tiles
+        )
+        return states, await sums
+
+    def segment(index: int, number: int, state, sums: np.ndarray):
+        return next_actor().tiled_segment.options(num_returns=2).remote(model, index, tiles[number], state, sums)
+
+    states = await tiled_decode.drive(info.decode_segments, prepare, segment)
+    return await next_actor().tiled_assemble.remote(tiles, spec, *states)
+
+
+def upscale(actor, model: str, image, spec, embeds: Sequence):
+    """The final latents ref of one image upscaled on one replica."""
+    return actor.upscale.remote(model, image, spec, *embeds)
+
+
+def upscale_parts(actors: Sequence, model: str, image, spec, embeds: Sequence, exchange, session: str) -> list:
+    """Every party's share of one image's windows, one per replica; returns (rank 0's latents ref, end markers).
+
+    A replica runs one call at a time, in the order submitted; the parts of an image are all submitted
+    here, with no await in between, so every replica runs the parts of spread images in the same order
+    and two spread images never wait on each other.
+    """
+    parts = [
+        actor.upscale_part.options(num_returns=2).remote(
+            model, image, spec, *embeds, spread=stages.Spread(exchange, session, rank, len(actors))
+        )
+        for rank, actor in enumerate(actors)
+    ]
+    return parts[0][0], [asyncio.ensure_future(end) for _, end in parts]

@@ -1,0 +1,365 @@
+"""The executor: the only code that talks to Ray. It carries out the scheduler's batches on the stage pools.
+
+Stages hand each other ObjectRefs: embeddings go to a denoiser by ref, its
+latents to a decoder by ref, and the scheduler only ever pulls finished PNGs
+(a sweep image chained to the upscaler goes there by ref too). A batch's
+denoiser is released as soon as its latents exist, so it takes the next batch
+while this one is decoded.
+
+Each batch runs at its fixed shape: a short batch is padded with copies of its
+first item, whose outputs are dropped, so an image's pixels never depend on
+how many companions it had (README, "Cross-job batching and purity").
+
+What a failure means (`classify`) is decided here too, because only here are
+Ray's exceptions and the cluster's nodes known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+
+import ray
+import torch
+
+from renderfarm.actors import stages
+from renderfarm.actors.txt2img import DenoiseBatch, DenoiseItem
+from renderfarm.actors.upscale_x4 import tile_windows
+from renderfarm.cluster import calls
+from renderfarm.cluster.config import FarmConfig, PoolConfig
+from renderfarm.cluster.constants import (
+    BATCHES_IN_FLIGHT_PER_REPLICA,
+    CLUSTER_CHECK_TIMEOUT_S,
+    EXCHANGE_JOIN_TIMEOUT_S,
+    EXCHANGE_ROUND_TIMEOUT_S,
+    REPLICAS_READY_TIMEOUT_S,
+    TEXT_CACHE_ENTRIES,
+    UPSCALE_FACTOR,
+)
+from renderfarm.cluster.kinds.upscale import UpscaleSettings
+from renderfarm.cluster.model_info import model_info
+from renderfarm.cluster.scheduler import Batch, Item, Scheduler
+from renderfarm.cluster.stats import STAGES, FarmStats, ReplicaStats, StageStats
+from renderfarm.spec import guided
+
+log = logging.getLogger(__name__)
+
+ACTOR_CLASSES = {
+    "encoder": stages.TextEncoder,
+    "denoiser": stages.Denoiser,
+    "decoder": stages.Decoder,
+    "upscaler": stages.Upscaler,
+}
+# Results of a batch, as they finish: (item, the result's spec, PNG bytes).
+Record = Callable[[list[tuple[Item, object, bytes]]], Awaitable[None]]
+
+
+class Failure(enum.Enum):
+    # The item's own doing (it raised, or its replica died on a live node): spends an attempt.
+    ITEM = "item"
+    # Not the item's doing (a replica restarting, a node gone, an input object lost with its node): waits.
+    UNAVAILABLE = "unavailable"
+    # The batch ran out of accelerator memory: split before it counts.
+    OUT_OF_MEMORY = "out of memory"
+    # The Ray cluster itself (the scheduler's own raylet, or its GCS) is gone: nothing can run.
+    CLUSTER_GONE = "cluster gone"
+
+
+class ClusterGoneError(RuntimeError):
+    """The Ray cluster the farm runs on is gone; a supervisor should restart the scheduler."""
+
+
+class _Pool:
+    """One stage's replicas, and the node each was last seen on."""
+
+    def __init__(self, actor_class, config: PoolConfig, model_cache_dir: str):
+        options = dict(
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            # Ray restarts a replica whose process (or node) died, and the pool keeps its size; the
+            # engine, not Ray, retries the work, so that it can count attempts.
+            max_restarts=-1,
+            max_task_retries=0,
+        )
+        self.actors = [actor_class.options(**options).remote(model_cache_dir) for _ in range(config.replicas)]
+        self.nodes: list[str | None] = [None] * len(self.actors)
+        self._turn = itertools.cycle(self.actors)
+
+    def next(self):
+        """Replicas in turn: for the tiles of a tiled decode, which go to every replica."""
+        return next(self._turn)
+
+    async def ready(self) -> None:
+        self.nodes = list(await asyncio.gather(*(calls.ready(actor) for actor in self.actors)))
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class Executor:
+    def __init__(self, config: FarmConfig, scheduler: Scheduler):
+        self._config = config
+        self._cache_dir = str(config.model_cache_dir)
+        self._scheduler = scheduler
+        self._pools: dict[str, _Pool] = {}
+        for stage in ("encoder", "denoiser", "decoder"):
+            self._start_pool(stage)
+        # Started by the first job that upscales.
+        self._exchange = None
+        # (model, text) -> embedding ref, least recently used first; shared by every job.
+        self._embeddings: OrderedDict[tuple[str, str], ray.ObjectRef] = OrderedDict()
+        self._text_cache_hits = 0
+        self._batches: Counter[str] = Counter()
+        self._batch_sizes: dict[str, Counter[int]] = {stage: Counter() for stage in STAGES}
+
+    def _start_pool(self, stage: str) -> _Pool:
+        pool = self._pools[stage] = _Pool(ACTOR_CLASSES[stage], getattr(self._config, f"{stage}s"), self._cache_dir)
+        self._scheduler.add_replicas(stage, len(pool.actors), BATCHES_IN_FLIGHT_PER_REPLICA)
+        return pool
+
+    async def ready(self) -> None:
+        pools = asyncio.gather(*(pool.ready() for pool in self._pools.values()))
+        try:
+            await asyncio.wait_for(pools, REPLICAS_READY_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(
+                f"the stage replicas did not start within {REPLICAS_READY_TIMEOUT_S:g} s: "
+                "does the Ray cluster have the CPUs and GPUs their pools ask for?"
+            ) from None
+
+    def start_upscalers(self) -> None:
+        if "upscaler" not in self._pools:
+            self._start_pool("upscaler")
+            self._exchange = stages.WindowExchange.remote(EXCHANGE_JOIN_TIMEOUT_S, EXCHANGE_ROUND_TIMEOUT_S)
+
+    def shutdown(self) -> None:
+        for pool in self._pools.values():
+            pool.kill()
+        if self._exchange is not None:
+            ray.kill(self._exchange)
+
+    # -- running batches -----------------------------------------------------------------------------
+
+    async def run(self, batch: Batch, freed: Callable[[], None], record: Record) -> None:
+        """Runs one batch; calls `freed` once its entry replica can take more work, and `record` with its
+        results as they finish. Raises the first failure."""
+        self._batches[batch.stage] += 1
+        self._batch_sizes[batch.stage][len(batch.items)] += 1
+        actor = self._pools[batch.stage].actors[batch.replica]
+        if batch.stage == "denoiser":
+            await self._render(actor, batch, freed, record)
+        elif batch.stage == "decoder":
+            (item,) = batch.items
+            latents, core, halo = item.payload
+            png = await calls.tiled_decode_image(
+                self._pools["decoder"].next, item.model, self._info(item.model), ray.put(latents), 0, item.spec, core, halo
+            )
+            freed()
+            await record([(item, item.spec, png)])
+        else:
+            (item,) = batch.items
+            png = await self._upscale_image(batch.replica, item.payload, item.spec)
+            freed()
+            await record([(item, item.spec, png)])
+
+    async def _render(self, actor, batch: Batch, freed: Callable[[], None], record: Record) -> None:
+        items, model = batch.items, batch.model
+        specs = [item.spec for item in items]
+        padded = specs + [specs[0]] * (batch.shape - len(specs))
+        first = specs[0]
+        denoise_batch = DenoiseBatch(
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            scheduler=first.scheduler,
+            items=tuple(DenoiseItem(seed=s.seed, guidance_scale=s.guidance_scale) for s in padded),
+        )
+        prompts = await self._embed(model, [s.prompt for s in padded])
+        negatives = await self._embed(model, [s.negative_prompt for s in padded]) if denoise_batch.guided else []
+        latents, done = calls.denoise(actor, model, denoise_batch, prompts, negatives)
+        try:
+            await done
+        finally:
+            freed()
+        upscale: UpscaleSettings | None = items[0].payload
+        if upscale is not None:
+            await self._upscale_chained(items, latents, upscale, record)
+        elif self._tiled(first):
+            info = self._info(model)
+            core = self._config.decode_tile // info.vae_scale_factor
+            for index, item in enumerate(items):
+                png = await calls.tiled_decode_image(
+                    self._pools["decoder"].next, model, info, latents, index, item.spec, core, info.decode_halo
+                )
+                await record([(item, item.spec, png)])
+        else:
+            pngs = await self._on_replica("decoder", model, lambda decoder: calls.decode(decoder, model, latents, specs))
+            await record(list(zip(items, specs, pngs, strict=True)))
+
+    async def _on_replica(self, stage: str, model: str, call: Callable[[object], Awaitable]):
+        """Runs a follow-on call on the replica of `stage` the scheduler picks, counted there while it runs."""
+        index = self._scheduler.pick(stage, model)
+        self._batches[stage] += 1
+        try:
+            return await call(self._pools[stage].actors[index])
+        finally:
+            self._scheduler.release(stage, index)
+
+    async def _embed(self, model: str, texts: list[str]) -> list[ray.ObjectRef]:
+        """Each text's embedding ref: from the cache, else encoded, the missing ones in one encoder call."""
+        missing = [text for text in dict.fromkeys(texts) if (model, text) not in self._embeddings]
+        self._text_cache_hits += len(set(texts)) - len(missing)
+        if missing:
+            index = self._scheduler.pick("encoder", model)
+            self._batches["encoder"] += 1
+            self._batch_sizes["encoder"][len(missing)] += 1
+            refs, done = calls.encode(self._pools["encoder"].actors[index], model, missing)
+            for text, ref in zip(missing, refs, strict=True):
+                self._embeddings[model, text] = ref
+            while len(self._embeddings) > TEXT_CACHE_ENTRIES:
+                self._embeddings.popitem(last=False)
+            # Counted on its replica until the call ends, without pulling the embeddings here.
+            asyncio.ensure_future(done).add_done_callback(lambda _: self._scheduler.release("encoder", index))
+        for text in texts:
+            self._embeddings.move_to_end((model, text))
+        return [self._embeddings[model, text] for text in texts]
+
+    def forget_texts(self, batch: Batch) -> None:
+        """After a failure the batch's cached embeddings may be what failed (lost with a node): encode afresh."""
+        for item in batch.items:
+            for text in (getattr(item.spec, "prompt", None), getattr(item.spec, "negative_prompt", None)):
+                self._embeddings.pop((item.model, text), None)
+
+    def _tiled(self, spec) -> bool:
+        return spec.width * spec.height > self._config.tiled_decode_above_pixels
+
+    def _info(self, model: str):
+        return model_info(model, self._config.model_cache_dir)
+
+    async def _upscale_chained(self, items: list[Item], latents, upscale: UpscaleSettings, record: Record) -> None:
+        """Sends each image of a denoised batch on through the x4 upscaler; only the 4x images are results."""
+        specs = [item.spec for item in items]
+        pngs, digests = await self._on_replica(
+            "decoder", items[0].model, lambda decoder: calls.decode_apart(decoder, items[0].model, latents, specs)
+        )
+
+        async def one(item: Item, png, digest: str) -> None:
+            spec = upscale.chained(item.spec, digest)
+            index = self._scheduler.pick("upscaler", spec.model)
+            try:
+                result = await self._upscale_image(index, png, spec)
+            finally:
+                self._scheduler.release("upscaler", index)
+            await record([(item, spec, result)])
+
+        await asyncio.gather(*(one(item, png, digest) for item, png, digest in zip(items, pngs, digests, strict=True)))
+
+    async def _upscale_image(self, first: int, image, spec) -> bytes:
+        """Upscales one image (encoded bytes, or a ref to them) starting on replica `first`; returns the 4x PNG."""
+        texts = [spec.prompt] + ([spec.negative_prompt] if guided(spec.guidance_scale) else [])
+        embeds = await self._embed(spec.model, texts)
+        info = self._info(spec.model)
+        windows = tile_windows(spec.height // UPSCALE_FACTOR, spec.width // UPSCALE_FACTOR, spec.tile, info.unet_alignment)
+        actors = self._pools["upscaler"].actors
+        parties = min(len(actors), len(windows))
+        if parties == 1:
+            latents = calls.upscale(actors[first], spec.model, image, spec, embeds)
+        else:
+            latents = await self._spread(
+                [actors[(first + rank) % len(actors)] for rank in range(parties)], image, spec, embeds
+            )
+        if self._tiled(spec):
+            core = self._config.decode_tile // info.vae_scale_factor
+            return await calls.tiled_decode_image(
+                self._pools["decoder"].next, spec.model, info, latents, 0, spec, core, info.decode_halo
+            )
+        (png,) = await self._on_replica("decoder", spec.model, lambda decoder: calls.decode(decoder, spec.model, latents, [spec]))
+        return png
+
+    async def _spread(self, actors: list, image, spec, embeds: list):
+        """One image's UNet windows spread over `actors`; returns its final latents ref."""
+        session = uuid.uuid4().hex
+        latents, ends = calls.upscale_parts(actors, spec.model, image, spec, embeds, self._exchange, session)
+        # The session is closed once every part has ended, however the image ends.
+        asyncio.gather(*ends, return_exceptions=True).add_done_callback(lambda _: self._exchange.close.remote(session))
+        done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_EXCEPTION)
+        if failed := [end.exception() for end in done if end.exception()]:
+            # Releases the parties that wait for the failed one.
+            self._exchange.abort.remote(session, f"{type(failed[0]).__name__}: {failed[0]}")
+            raise failed[0]
+        return latents
+
+    # -- failures ------------------------------------------------------------------------------------
+
+    async def classify(self, error: BaseException) -> Failure:
+        if isinstance(error, (ray.exceptions.LocalRayletDiedError, ray.exceptions.RaySystemError)):
+            return Failure.CLUSTER_GONE
+        if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, torch.OutOfMemoryError):
+            return Failure.OUT_OF_MEMORY
+        if isinstance(error, ray.exceptions.ActorUnavailableError):
+            return Failure.UNAVAILABLE
+        lost_object = isinstance(error, ray.exceptions.ObjectLostError) or (
+            isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, ray.exceptions.ObjectLostError)
+        )
+        if isinstance(error, ray.exceptions.RayActorError) or lost_object:
+            try:
+                own_node_alive, alive = await asyncio.wait_for(asyncio.to_thread(_cluster_view), CLUSTER_CHECK_TIMEOUT_S)
+            except Exception:  # the GCS does not answer
+                return Failure.CLUSTER_GONE
+            if not own_node_alive:
+                return Failure.CLUSTER_GONE
+            if self._forget_lost_nodes(alive) or lost_object:
+                return Failure.UNAVAILABLE
+        return Failure.ITEM
+
+    def _forget_lost_nodes(self, alive: set[str]) -> bool:
+        """Whether a replica's last node is dead; such replicas are looked for again where Ray restarts them."""
+        lost = False
+        for stage, pool in self._pools.items():
+            for index, node in enumerate(pool.nodes):
+                if node is not None and node not in alive:
+                    lost = True
+                    pool.nodes[index] = None
+                    self._scheduler.forget_models(stage, index)
+                    asyncio.ensure_future(self._find(pool, index))
+        return lost
+
+    async def _find(self, pool: _Pool, index: int) -> None:
+        try:
+            pool.nodes[index] = await calls.ready(pool.actors[index])
+        except ray.exceptions.RayError:
+            pass  # still restarting: the next failure looks again
+
+    # -- the public view -----------------------------------------------------------------------------
+
+    def stats(self) -> FarmStats:
+        """Blocks on the replicas: call from any thread but the farm's event loop."""
+        view = {}
+        for stage in STAGES:
+            pool = self._pools.get(stage)
+            replicas = ()
+            if pool is not None:
+                replicas = tuple(ReplicaStats(*values) for values in ray.get([a.stats.remote() for a in pool.actors]))
+            view[stage] = StageStats(replicas, self._batches[stage], dict(self._batch_sizes[stage]))
+        sessions = ray.get(self._exchange.sessions.remote()) if self._exchange is not None else 0
+        return FarmStats(view, self._text_cache_hits, sessions)
+
+
+def _cluster_view() -> tuple[bool, set[str]]:
+    """(whether this scheduler's own node is alive, the ids of every live node); blocks on the GCS."""
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    return ray.get_runtime_context().get_node_id() in alive, alive
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, ray.exceptions.RayTaskError):
+        error = error.cause  # the replica's own exception, without Ray's traceback dump
+    if isinstance(error, ray.exceptions.RayActorError):
+        return "the replica's process died"
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,44 @@
+"""Job kinds, one module each: how a request of that kind is validated and planned into work items.
+
+A new kind is one module here (with `STAGE`, `validate` and a Work with `items(job)` and `total`),
+plus its message in the proto and its call in the SDK.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from renderfarm.cluster import validate as fields
+from renderfarm.cluster.config import FarmConfig, LimitsConfig
+from renderfarm.cluster.kinds import decode, sweep, upscale
+from renderfarm.cluster.validate import ModelLookup
+from renderfarm.v1 import farm_pb2 as pb
+
+KINDS = {"sweep": sweep, "decode": decode, "upscale": upscale}
+# A resumed job is re-planned, not re-admitted: limits are for admission, so a lowered one
+# does not fail a job that is half done.
+NO_LIMITS = LimitsConfig(**{field.name: sys.maxsize for field in dataclasses.fields(LimitsConfig)})
+
+Work = sweep.Sweep | decode.Decode | upscale.Upscale
+
+
+def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: ModelLookup) -> Work:
+    """A new request's work, or InvalidJobError naming the field; `model_info` raises ValueError for an
+    unresolvable model."""
+    if request.request_id:
+        fields.check_id("request_id", request.request_id)
+    name = request.WhichOneof("kind")
+    if name not in KINDS:
+        raise fields.invalid("kind", "the request names no job (set sweep, decode or upscale)")
+    return KINDS[name].validate(getattr(request, name), config, model_info)
+
+
+def replan(request: pb.SubmitJobRequest, config: FarmConfig, model_info: ModelLookup) -> Work:
+    """An admitted job's work again, for a scheduler that resumes it."""
+    return validate(request, dataclasses.replace(config, limits=NO_LIMITS), model_info)
+
+
+def stage(request: pb.SubmitJobRequest) -> str:
+    """The stage a job's items enter the farm at."""
+    return KINDS[request.WhichOneof("kind")].STAGE

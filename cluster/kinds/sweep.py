@@ -1,0 +1,196 @@
+"""The sweep job kind: every combination of its axes, one work item per image, batched across jobs.
+
+A sweep is never materialised: items are generated lazily in an order that
+keeps items of one batch key (same size, steps, scheduler, guided or not)
+adjacent, and the scheduler cuts batches from the items of every job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from renderfarm.cluster import validate as fields
+from renderfarm.cluster.config import FarmConfig, LimitsConfig
+from renderfarm.cluster.constants import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    MAX_SEED,
+    SIZE_MULTIPLE,
+    UPSCALE_FACTOR,
+)
+from renderfarm.cluster.kinds import upscale
+from renderfarm.cluster.kinds.upscale import UpscaleSettings
+from renderfarm.cluster.scheduler import Item
+from renderfarm.cluster.validate import ModelLookup
+from renderfarm.spec import SCHEDULER_LABELS, ImageSpec, guided
+from renderfarm.v1 import farm_pb2 as pb
+
+STAGE = "denoiser"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated prompt sweep: every axis non-empty, every value in range."""
+
+    model: str
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    seeds: tuple[int, ...]
+    guidance_scales: tuple[float, ...]
+    steps: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]
+    schedulers: tuple[str, ...]
+    # Each image goes on through the x4 upscaler, and only the 4x images are results.
+    upscale: UpscaleSettings | None = None
+
+    def __post_init__(self):
+        # A repeated axis value would repeat images: each spec is one result, once.
+        for axis in ("prompts", "seeds", "guidance_scales", "steps", "sizes", "schedulers"):
+            object.__setattr__(self, axis, tuple(dict.fromkeys(getattr(self, axis))))
+
+    @property
+    def total(self) -> int:
+        return math.prod(
+            len(axis)
+            for axis in (self.prompts, self.seeds, self.guidance_scales, self.steps, self.sizes, self.schedulers)
+        )
+
+    def specs(self) -> Iterator[ImageSpec]:
+        """Every image of the sweep once, lazily; loop-shaping axes outermost."""
+        # Guided and unguided items cannot share a batch (batch_key): each kind's scales run together.
+        by_guidance = [
+            scales for kind in (False, True) if (scales := [g for g in self.guidance_scales if guided(g) == kind])
+        ]
+        for (width, height), steps, scheduler, scales in itertools.product(self.sizes, self.steps, self.schedulers, by_guidance):
+            for prompt, seed, guidance_scale in itertools.product(self.prompts, self.seeds, scales):
+                yield ImageSpec(
+                    model=self.model,
+                    prompt=prompt,
+                    negative_prompt=self.negative_prompt,
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    guidance_scale=guidance_scale,
+                    scheduler=scheduler,
+                )
+
+
+    def items(self, job) -> Iterator[Item]:
+        """The images `job` (its record in the job store) has no result for yet, lazily."""
+        for spec in self.specs():
+            if not job.is_done(spec):
+                yield Item(job.id, spec, spec.model, (batch_key(spec), self.upscale), self.upscale, job.failures(spec))
+
+
+def batch_key(spec: ImageSpec) -> tuple:
+    """Items with equal keys can share one denoising loop."""
+    return (spec.model, spec.width, spec.height, spec.steps, spec.scheduler, guided(spec.guidance_scale))
+
+
+def validate(request: pb.SweepSpec, config: FarmConfig, model_info: ModelLookup) -> Sweep:
+    sweep = _axes(request, config.limits, model_info)
+    return dataclasses.replace(sweep, upscale=_chained_upscale(request, sweep, config, model_info))
+
+
+def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) -> Sweep:
+    if not sweep.prompts:
+        raise fields.invalid("sweep.prompts", "must hold at least one prompt")
+    if len(sweep.prompts) > limits.max_prompts_per_job:
+        raise fields.invalid("sweep.prompts", f"{len(sweep.prompts)} prompts is over the limit of {limits.max_prompts_per_job}")
+    # Counted from the axes' lengths before any value is read, so a sweep of billions is refused at once.
+    axes = (sweep.prompts, sweep.seeds, sweep.guidance_scales, sweep.steps, sweep.sizes, sweep.schedulers)
+    total = math.prod(len(axis) or 1 for axis in axes)
+    if total > limits.max_images_per_job:
+        raise fields.invalid("sweep", f"{total} images is over the limit of {limits.max_images_per_job} per job")
+
+    prompts = _prompts(sweep, limits)
+    fields.text("sweep.negative_prompt", sweep.negative_prompt, limits)
+
+    seeds = tuple(sweep.seeds) or (DEFAULT_SEED,)
+    for i, seed in enumerate(seeds):
+        if not 0 <= seed <= MAX_SEED:
+            raise fields.invalid(f"sweep.seeds[{i}]", f"must be in [0, {MAX_SEED}] (got {seed})")
+
+    guidance_scales = tuple(sweep.guidance_scales) or (DEFAULT_GUIDANCE_SCALE,)
+    for i, scale in enumerate(guidance_scales):
+        if not math.isfinite(scale) or scale < 0:
+            raise fields.invalid(f"sweep.guidance_scales[{i}]", f"must be a finite number >= 0 (got {scale})")
+
+    steps = tuple(sweep.steps) or (DEFAULT_STEPS,)
+    for i, count in enumerate(steps):
+        if not 1 <= count <= limits.max_steps:
+            raise fields.invalid(f"sweep.steps[{i}]", f"must be in [1, {limits.max_steps}] (got {count})")
+
+    for i, name in enumerate(sweep.schedulers):
+        if name not in SCHEDULER_LABELS:
+            raise fields.invalid(f"sweep.schedulers[{i}]", f"unknown scheduler {name!r}; use one of {sorted(SCHEDULER_LABELS)}")
+
+    for i, size in enumerate(sweep.sizes):
+        for side in ("width", "height"):
+            value = getattr(size, side)
+            if value <= 0 or value % SIZE_MULTIPLE or value > limits.max_side:
+                raise fields.invalid(
+                    f"sweep.sizes[{i}].{side}",
+                    f"must be a positive multiple of {SIZE_MULTIPLE} up to {limits.max_side} (got {value})",
+                )
+        fields.pixels(f"sweep.sizes[{i}]", size.width, size.height, limits)
+
+    defaults = fields.model("sweep.model", sweep.model, model_info)
+    if not sweep.schedulers and defaults.scheduler not in SCHEDULER_LABELS:
+        raise fields.invalid(
+            "sweep.schedulers",
+            f"the model's own scheduler {defaults.scheduler} is not supported; name one of {sorted(SCHEDULER_LABELS)}",
+        )
+
+    return Sweep(
+        model=sweep.model,
+        prompts=prompts,
+        negative_prompt=sweep.negative_prompt,
+        seeds=seeds,
+        guidance_scales=guidance_scales,
+        steps=steps,
+        sizes=tuple((s.width, s.height) for s in sweep.sizes) or ((defaults.width, defaults.height),),
+        schedulers=tuple(sweep.schedulers) or (defaults.scheduler,),
+    )
+
+
+def _chained_upscale(
+    request: pb.SweepSpec, sweep: Sweep, config: FarmConfig, model_info: ModelLookup
+) -> UpscaleSettings | None:
+    """The x4 upscale every image of a sweep goes on through, or None."""
+    if request.upscale in (0, 1):
+        return None
+    if request.upscale != UPSCALE_FACTOR:
+        raise fields.invalid("sweep.upscale", f"must be 0 or 1 (no upscale) or {UPSCALE_FACTOR} (got {request.upscale})")
+    settings, _ = upscale.settings(
+        "sweep.upscale_", request.upscale_model, fields.given(request, "upscale_noise_level"),
+        fields.given(request, "upscale_steps"), fields.given(request, "upscale_guidance_scale"), request.upscale_tile, config,
+        model_info,
+    )  # fmt: skip
+    max_side = config.limits.max_side
+    for width, height in sweep.sizes:
+        if max(width, height) * UPSCALE_FACTOR > max_side:
+            raise fields.invalid("sweep.upscale", f"{width}x{height} images upscale to over {max_side} pixels a side")
+        fields.pixels("sweep.upscale", width * UPSCALE_FACTOR, height * UPSCALE_FACTOR, config.limits)
+        # The upscaler takes each image's PNG as the decoder makes it in one piece.
+        if width * height > config.tiled_decode_above_pixels:
+            raise fields.invalid(
+                "sweep.upscale",
+                f"{width}x{height} images are over the {config.tiled_decode_above_pixels} pixels that chain to the "
+                "upscaler (they decode in tiles); upscale them in a job of their own",
+            )
+    return settings
+
+
+def _prompts(sweep: pb.SweepSpec, limits: LimitsConfig) -> tuple[str, ...]:
+    for i, prompt in enumerate(sweep.prompts):
+        fields.text(f"sweep.prompts[{i}]", prompt, limits)
+        if not prompt.strip():
+            raise fields.invalid(f"sweep.prompts[{i}]", "must not be blank")
+    return tuple(sweep.prompts)
