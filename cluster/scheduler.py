@@ -7,7 +7,7 @@ outcomes and carries its decisions out through the executor:
 - **Priorities** are strict: a batch holds items of one priority level, the
   highest that has an item ready.
 - **Fair share** within a level: owners get images in proportion to their
-  weights (start-time fair queuing on a virtual clock per level: the owner
+  weights (start-time fair queuing on a virtual clock per level and stage: the owner
   that has been served least, per unit of weight, goes next; an owner that
   becomes active starts at the level's clock, so idling earns no credit).
   An owner's jobs share its part the same way.
@@ -146,9 +146,11 @@ class _Owner:
 
 @dataclass(eq=False)
 class _Level:
-    owners: dict[str, _Owner] = field(default_factory=dict)
-    # The virtual time of the last image served at this level.
-    clock: float = 0.0
+    # By (owner name, stage): each stage is its own resource, so images served on one stage earn no
+    # place in another's queue.
+    owners: dict[tuple[str, str], _Owner] = field(default_factory=dict)
+    # The virtual time of the last image served at this level, per stage.
+    clock: dict[str, float] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -167,15 +169,24 @@ class Scheduler:
         self._pinned: dict[str, list[Batch]] = {}
         self._order = itertools.count()
         self._stopped = False
+        # The `now` of the last schedule(): a retry ready by then that did not start waits for a slot
+        # (a release, which schedules again), not for a timer.
+        self._now = float("-inf")
 
     # -- the farm's shape -------------------------------------------------------------------------
 
     def add_replicas(self, stage: str, count: int, capacity: int) -> None:
         replicas = self._replicas.setdefault(stage, [])
-        replicas.extend(_Replica(stage, len(replicas) + i, capacity) for i in range(count))
+        # Numbered from the count before: len() grows while extend() consumes a generator.
+        first = len(replicas)
+        replicas.extend(_Replica(stage, first + i, capacity) for i in range(count))
 
     def replica_count(self, stage: str) -> int:
         return len(self._replicas.get(stage, ()))
+
+    def models(self, stage: str, replica: int) -> list[str]:
+        """The models a replica holds as the core tracks them, least recently used first."""
+        return list(self._replicas[stage][replica].models)
 
     def forget_models(self, stage: str, replica: int) -> None:
         """A replica restarted (or moved to another node): it holds no model any more."""
@@ -189,12 +200,12 @@ class Scheduler:
         owner, of weight 1, unless `owner` names one."""
         level = self._levels.setdefault(priority, _Level())
         name = owner if owner is not None else job_id
-        account = level.owners.get(name)
+        account = level.owners.get((name, stage))
         if account is None:
-            account = level.owners[name] = _Owner(name, weight)
+            account = level.owners[(name, stage)] = _Owner(name, weight)
         if not any(job.has_pending for job in account.jobs):
             # An owner that was idle joins at the level's clock: idling earns no credit.
-            account.vtime = max(account.vtime, level.clock)
+            account.vtime = max(account.vtime, level.clock.get(stage, 0.0))
         job = _Job(job_id, account, priority, stage, items, next(self._order), now)
         job.vtime = min((other.vtime for other in account.jobs if other.has_pending), default=0.0)
         account.jobs.append(job)
@@ -213,7 +224,7 @@ class Scheduler:
         job.owner.jobs.remove(job)
         level = self._levels[job.priority]
         if not job.owner.jobs:
-            del level.owners[job.owner.name]
+            del level.owners[(job.owner.name, job.stage)]
             if not level.owners:
                 del self._levels[job.priority]
 
@@ -232,6 +243,7 @@ class Scheduler:
         """Every batch that should start now, each on a replica with room."""
         decisions = []
         self._window_ends = None
+        self._now = now
         if self._stopped:
             return decisions
         for stage, replicas in self._replicas.items():
@@ -304,17 +316,27 @@ class Scheduler:
 
     @staticmethod
     def _charge(level: _Level, job: _Job) -> None:
-        level.clock = max(level.clock, job.owner.vtime)
+        level.clock[job.stage] = max(level.clock.get(job.stage, 0.0), job.owner.vtime)
         job.owner.vtime += 1 / job.owner.weight
         job.vtime += 1
 
     def _place(self, stage: str, model: str) -> _Replica:
-        """A replica with room: one holding `model` if any, else the least loaded (an empty one first)."""
+        """A replica with room, the cheapest by batches ahead of this one: one holding `model` costs its batches
+        in flight; one holding no model yet, half a batch more (it loads once, and an idle replica should not
+        wait while another queues); one holding only other models, a whole replica's capacity more (models
+        swap only when no replica that holds the model, or none that is empty, has room)."""
         with_room = [replica for replica in self._replicas[stage] if replica.has_room]
-        replica = min(
-            with_room or self._replicas[stage],
-            key=lambda r: (model not in r.models, r.in_flight, len(r.models), r.index),
-        )
+
+        def cost(replica: _Replica) -> tuple[float, int]:
+            if model in replica.models:
+                extra = 0.0
+            elif not replica.models:
+                extra = 0.5
+            else:
+                extra = replica.capacity
+            return replica.in_flight + extra, replica.index
+
+        replica = min(with_room or self._replicas[stage], key=cost)
         self._note_model(replica, model)
         return replica
 
@@ -368,8 +390,9 @@ class Scheduler:
 
     def next_wake_at(self) -> float | None:
         """When the soonest waiting retry becomes ready, or a waiting short batch stops waiting: call
-        schedule() again then."""
-        times = [t for job in self._jobs.values() if (t := job.next_retry_at) is not None]
+        schedule() again then. Never a time the last schedule() already saw: what was ready then and did
+        not start waits for a slot, and asking for a past time would wake the engine over and over."""
+        times = [t for job in self._jobs.values() if (t := job.next_retry_at) is not None and t > self._now]
         if self._window_ends is not None:
             times.append(self._window_ends)
         return min(times, default=None)
