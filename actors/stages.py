@@ -88,18 +88,15 @@ class DenoiserStage(_Stage):
         vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
         return unet.to(self._device).eval(), scheduler_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
 
-    def denoise(self, model: str, batch: txt2img.DenoiseBatch, *embeds: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """`embeds`: one prompt embedding per item, then (if guided) one negative embedding per item.
-
-        Returns the latents and a marker the scheduler awaits to learn that this replica is free,
-        without pulling the latents; call with num_returns=2."""
+    def denoise(self, model: str, batch: txt2img.DenoiseBatch, *embeds: torch.Tensor) -> torch.Tensor:
+        """`embeds`: one prompt embedding per item, then (if guided) one negative embedding per item."""
         unet, scheduler_config, vae_scale_factor = self._components(model)
         count = len(batch.items)
         latents = txt2img.denoise(
             unet, scheduler_config, vae_scale_factor, batch, embeds[:count], embeds[count : 2 * count]
         )
         self._work_done += count
-        return latents.cpu(), True
+        return latents.cpu()
 
 
 class DecoderStage(_Stage):

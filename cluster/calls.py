@@ -45,13 +45,12 @@ def encode(actor, model: str, texts: Sequence[str]) -> tuple[list, object]:
 
 
 def denoise(actor, model: str, batch: DenoiseBatch, prompt_embeds: Sequence, negative_embeds: Sequence):
-    """(latents ref [B, C, h, w], marker that resolves when the replica is free again)."""
+    """The latents ref [B, C, h, w]."""
     if len(prompt_embeds) != len(batch.items) or len(negative_embeds) not in (0, len(batch.items)):
         raise StageContractError(
             f"a denoise batch of {len(batch.items)} got {len(prompt_embeds)} and {len(negative_embeds)} embeddings"
         )
-    latents, done = actor.denoise.options(num_returns=2).remote(model, batch, *prompt_embeds, *negative_embeds)
-    return latents, done
+    return actor.denoise.remote(model, batch, *prompt_embeds, *negative_embeds)
 
 
 async def decode(actor, model: str, latents, specs: Sequence) -> list[bytes]:

@@ -123,22 +123,13 @@ class Engine:
             self._timer = loop.call_at(at, self._pump)
 
     async def _run(self, batch: Batch) -> None:
-        released = False
-
-        def freed() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._scheduler.release(batch.stage, batch.replica)
-                self._pump()
-
         try:
-            await self.executor.run(batch, freed, self._record)
+            await self.executor.run(batch, self._record)
         except Exception as error:
-            freed()
+            self._scheduler.release(batch.stage, batch.replica)
             await self._failed(batch, error)
         else:
-            freed()
+            self._scheduler.release(batch.stage, batch.replica)
             self._scheduler.finished(batch.items)
         for job_id in dict.fromkeys(item.job for item in batch.items):
             if job := self._active.get(job_id):

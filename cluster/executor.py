@@ -2,9 +2,10 @@
 
 Stages hand each other ObjectRefs: embeddings go to a denoiser by ref, its
 latents to a decoder by ref, and the scheduler only ever pulls finished PNGs
-(a sweep image chained to the upscaler goes there by ref too). A batch's
-denoiser is released as soon as its latents exist, so it takes the next batch
-while this one is decoded.
+(a sweep image chained to the upscaler goes there by ref too). A batch holds
+its place on its denoiser until its images are recorded, so work between the
+stages stays bounded; with two places a replica, the next batch is queued on
+the denoiser while this one is decoded.
 
 Each batch runs at its fixed shape: a short batch is padded with copies of its
 first item, whose outputs are dropped, so an image's pixels never depend on
@@ -146,29 +147,25 @@ class Executor:
 
     # -- running batches -----------------------------------------------------------------------------
 
-    async def run(self, batch: Batch, freed: Callable[[], None], record: Record) -> None:
-        """Runs one batch; calls `freed` once its entry replica can take more work, and `record` with its
-        results as they finish. Raises the first failure."""
+    async def run(self, batch: Batch, record: Record) -> None:
+        """Runs one batch, calling `record` with its results as they finish. Raises the first failure."""
         self._batches[batch.stage] += 1
         self._batch_sizes[batch.stage][len(batch.items)] += 1
         actor = self._pools[batch.stage].actors[batch.replica]
         if batch.stage == "denoiser":
-            await self._render(actor, batch, freed, record)
+            await self._render(actor, batch, record)
         elif batch.stage == "decoder":
             (item,) = batch.items
             latents, core, halo = item.payload
             png = await calls.tiled_decode_image(
                 self._pools["decoder"].next, item.model, self._info(item.model), ray.put(latents), 0, item.spec, core, halo
             )
-            freed()
             await record([(item, item.spec, png)])
         else:
             (item,) = batch.items
-            png = await self._upscale_image(batch.replica, item.payload, item.spec)
-            freed()
-            await record([(item, item.spec, png)])
+            await record([(item, item.spec, await self._upscale_image(batch.replica, item.payload, item.spec))])
 
-    async def _render(self, actor, batch: Batch, freed: Callable[[], None], record: Record) -> None:
+    async def _render(self, actor, batch: Batch, record: Record) -> None:
         items, model = batch.items, batch.model
         specs = [item.spec for item in items]
         padded = specs + [specs[0]] * (batch.shape - len(specs))
@@ -182,11 +179,7 @@ class Executor:
         )
         prompts = await self._embed(model, [s.prompt for s in padded])
         negatives = await self._embed(model, [s.negative_prompt for s in padded]) if denoise_batch.guided else []
-        latents, done = calls.denoise(actor, model, denoise_batch, prompts, negatives)
-        try:
-            await done
-        finally:
-            freed()
+        latents = calls.denoise(actor, model, denoise_batch, prompts, negatives)
         upscale: UpscaleSettings | None = items[0].payload
         if upscale is not None:
             await self._upscale_chained(items, latents, upscale, record)
@@ -347,8 +340,10 @@ class Executor:
             if pool is not None:
                 replicas = tuple(ReplicaStats(*values) for values in ray.get([a.stats.remote() for a in pool.actors]))
             view[stage] = StageStats(replicas, self._batches[stage], dict(self._batch_sizes[stage]))
-        sessions = ray.get(self._exchange.sessions.remote()) if self._exchange is not None else 0
-        return FarmStats(view, self._text_cache_hits, sessions)
+        exchange = ()
+        if self._exchange is not None:
+            exchange = ray.get([self._exchange.sessions.remote(), self._exchange.peak_rss_bytes.remote()])
+        return FarmStats(view, self._text_cache_hits, *exchange)
 
 
 def _cluster_view() -> tuple[bool, set[str]]:

@@ -33,8 +33,9 @@ class FarmStats:
     stages: dict[str, StageStats]
     # Text encodings served from the scheduler's cache instead of an encoder call.
     text_cache_hits: int
-    # Upscale exchange sessions still open (0 once every spread image has ended).
-    exchange_sessions: int
+    # Upscale exchange sessions still open (0 once every spread image has ended), and the exchange's peak memory.
+    exchange_sessions: int = 0
+    exchange_peak_rss_bytes: int = 0
 
     @property
     def texts_encoded(self) -> int:
@@ -46,5 +47,6 @@ class FarmStats:
 
     @property
     def peak_rss_bytes(self) -> list[int]:
-        """Every replica's peak memory, stage by stage."""
-        return [replica.peak_rss_bytes for stage in self.stages.values() for replica in stage.replicas]
+        """Every replica's peak memory, stage by stage, then the upscale exchange's (where it runs)."""
+        peaks = [replica.peak_rss_bytes for stage in self.stages.values() for replica in stage.replicas]
+        return peaks + ([self.exchange_peak_rss_bytes] if self.exchange_peak_rss_bytes else [])

@@ -85,21 +85,22 @@ def test_replicas_batch_size_and_order_do_not_change_pixels(start_farm):
         assert max(np.abs(variant[spec] - baseline[spec]).max() for spec in baseline) <= 1
 
 
-def test_each_unique_text_is_encoded_once_per_job(start_farm):
-    import ray
-
+def test_each_unique_text_is_encoded_once_across_jobs(start_farm):
     farm = start_farm(max_batch=1)
-    encoders = farm.farm._dispatcher._encoders.actors
-    before = sum(ray.get([e.encoded_count.remote() for e in encoders]))
+    sweep = dict(prompts=["a red fox", "a lighthouse"], seeds=range(3), guidance_scale=[5.0, 7.5],
+                 negative_prompt="blurry, encoded once", steps=2, width=64, height=64)  # fmt: skip
+    before = farm.farm.stats()
     with rf.Client(farm.address) as client:
-        job = client.sweep(
-            ["a red fox", "a lighthouse"], seeds=range(3), guidance_scale=[5.0, 7.5], negative_prompt="blurry",
-            steps=2, width=64, height=64,
-        )  # fmt: skip
-        job.wait()
-    after = sum(ray.get([e.encoded_count.remote() for e in encoders]))
-    assert job.total == 12
-    assert after - before == 3  # two prompts and the negative prompt
+        first = client.sweep(**sweep)
+        first.wait()
+        between = farm.farm.stats()
+        again = client.sweep(**{**sweep, "seeds": range(3, 5)})
+        again.wait()
+    after = farm.farm.stats()
+    assert first.total == 12 and again.total == 8
+    assert between.texts_encoded - before.texts_encoded == 3  # two prompts and the negative prompt
+    assert after.texts_encoded == between.texts_encoded  # the second job's texts came from the cache
+    assert after.text_cache_hits > between.text_cache_hits
 
 
 def test_status_list_and_wait(farm):

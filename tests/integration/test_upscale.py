@@ -5,7 +5,6 @@ import resource
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -74,9 +73,8 @@ def test_tiled_upscale_is_close_to_one_piece_and_shows_no_seams(farm):
 
 def part_counts(farm) -> list[int]:
     """Shares of spread images each upscaler replica of the farm has run (the pool starts with the first upscale)."""
-    if (upscalers := farm.farm._dispatcher._upscalers) is None:
-        return [0] * farm.farm.config.upscalers.replicas
-    return ray.get([upscaler.part_count.remote() for upscaler in upscalers.actors])
+    replicas = farm.farm.stats().stages["upscaler"].replicas
+    return [replica.work_done for replica in replicas] or [0] * farm.farm.config.upscalers.replicas
 
 
 def test_replica_count_does_not_change_a_pixel(start_farm):
@@ -93,7 +91,7 @@ def test_replica_count_does_not_change_a_pixel(start_farm):
     assert outputs[0].keys() == outputs[1].keys() and len(outputs[0]) == 3
     assert all(np.array_equal(outputs[0][spec], outputs[1][spec]) for spec in outputs[0])
     assert part_counts(farm) == [3, 3, 3]
-    assert ray.get(farm.farm._dispatcher._exchange.sessions.remote()) == 0  # every image's session closed
+    assert farm.farm.stats().exchange_sessions == 0  # every image's session closed
 
 
 GIB = 2**30
@@ -108,14 +106,8 @@ def test_a_960x540_input_upscales_to_3840x2160_spread_over_3_replicas_within_6_g
         (result,) = client.upscale(low_res(960, 540, seed=4), steps=1).results()
     assert result.image.size == (3840, 2160)
     assert [after - before for after, before in zip(part_counts(farm), parts_before)] == [1, 1, 1]
-    dispatcher = farm.farm._dispatcher
-    actors = [
-        *dispatcher._encoders.actors, *dispatcher._denoisers.actors, *dispatcher._decoders.actors,
-        *dispatcher._upscalers.actors, dispatcher._exchange,
-    ]  # fmt: skip
-    peaks = ray.get([actor.peak_rss_bytes.remote() for actor in actors])
-    print("peak RSS (GiB) of encoder, denoiser, 2 decoders, 3 upscalers, exchange:",
-          [round(peak / GIB, 2) for peak in peaks])  # fmt: skip
+    peaks = farm.farm.stats().peak_rss_bytes
+    print("peak RSS (GiB) of encoder, denoiser, 2 decoders, 3 upscalers, exchange:", [round(peak / GIB, 2) for peak in peaks])
     assert max(peaks) <= 6 * GIB, [f"{peak / GIB:.2f} GiB" for peak in peaks]
     # This process runs the scheduler (and, before this test, others).
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= 6 * GIB

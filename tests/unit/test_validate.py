@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from renderfarm.cluster.config import FarmConfig, LimitsConfig
-from renderfarm.cluster.model_info import ModelInfo
 from renderfarm.cluster import kinds
+from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.kinds import sweep as sweep_kind
 from renderfarm.cluster.kinds.upscale import UpscaleSettings
+from renderfarm.cluster.model_info import ModelInfo
 from renderfarm.cluster.validate import check_id
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
