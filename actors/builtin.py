@@ -30,6 +30,52 @@ NUM_MERGES = 400
 
 def build_tiny_sd(dest: Path) -> None:
     """Save a small random-weight Stable Diffusion 1.x pipeline to `dest` in diffusers layout."""
+    _build_sd(
+        dest,
+        unet=dict(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        ),
+        vae=dict(
+            sample_size=128,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 32, 32, 32),
+            norm_num_groups=8,
+        ),
+    )
+
+
+def build_null_sd(dest: Path) -> None:
+    """The smallest Stable Diffusion 1.x architecture: a one-level UNet of 8 channels (its mid-block keeps the
+    cross-attention) and a one-level VAE, so an 8x8 image is 8x8 latents. It costs next to nothing to run:
+    what a benchmark on it measures is the farm's own bookkeeping."""
+    _build_sd(
+        dest,
+        unet=dict(
+            sample_size=8,
+            block_out_channels=(8,),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",),
+            up_block_types=("UpBlock2D",),
+            norm_num_groups=4,
+            attention_head_dim=8,
+        ),
+        vae=dict(
+            sample_size=8,
+            down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",),
+            block_out_channels=(8,),
+            norm_num_groups=4,
+        ),
+    )
+
+
+def _build_sd(dest: Path, unet: dict, vae: dict) -> None:
+    """An SD 1.x pipeline with builtin:tiny-sd's tokenizer, text encoder and scheduler, and these UNet and VAE shapes."""
     # Imported here so that listing builtins stays cheap for processes that never build one.
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -40,28 +86,10 @@ def build_tiny_sd(dest: Path) -> None:
         torch.manual_seed(0)
         # quick_gelu: SD 1.x's text encoder is OpenAI's CLIP.
         text_encoder = _build_text_encoder(tokenizer, hidden_act="quick_gelu")
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-        )
-        _rescale_untrained_unet(unet)
-        vae = AutoencoderKL(
-            sample_size=128,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 32, 32, 32),
-            norm_num_groups=8,
-            layers_per_block=1,
-            latent_channels=4,
-            scaling_factor=0.18215,
+        unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=32, **unet)
+        _rescale_untrained_unet(unet_model)
+        vae_model = AutoencoderKL(
+            in_channels=3, out_channels=3, layers_per_block=1, latent_channels=4, scaling_factor=0.18215, **vae
         )
 
     # Stable Diffusion 1.5's scheduler settings, so sampling behaves like the real model's. Its config
@@ -76,10 +104,10 @@ def build_tiny_sd(dest: Path) -> None:
         set_alpha_to_one=False,
     )
     pipeline = StableDiffusionPipeline(
-        vae=vae,
+        vae=vae_model,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet_model,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -267,6 +295,7 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny-sd": build_tiny_sd,
+    "null-sd": build_null_sd,
     "tiny-sd-x4-upscaler": build_tiny_sd_x4_upscaler,
 }
 # Part of the cache directory name of built models: bump it whenever a recipe changes,

@@ -90,15 +90,12 @@ def diffusers_tiled_in_own_process(directory: Path, z: np.ndarray) -> tuple[floa
 
 def farm_decode(config: FarmConfig, model: str, z: np.ndarray, tile: int) -> tuple[np.ndarray, float, list[int]]:
     """The image, wall time and each VAE replica's peak RSS, on a fresh farm."""
-    import ray
-
     with EmbeddedFarm(config) as farm, rf.Client(farm.address) as client:
         client.decode(latents(64, 64), model=model, tile=tile).wait()  # load the VAE outside the timing
         started = time.perf_counter()
         (result,) = client.decode(z, model=model, tile=tile).results()
         seconds = time.perf_counter() - started
-        decoders = farm.farm._dispatcher._decoders.actors
-        peaks = ray.get([actor.peak_rss_bytes.remote() for actor in decoders])
+        peaks = [replica.peak_rss_bytes for replica in farm.farm.stats().stages["decoder"].replicas]
     return np.asarray(result.image), seconds, peaks
 
 
