@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+
 import renderfarm as rf
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.spec import ImageSpec, encode_png
