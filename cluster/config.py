@@ -98,6 +98,9 @@ class FarmConfig:
     # Images per denoiser batch; every batch runs at this shape (short ones padded), so that
     # batching never changes a pixel.
     max_batch: int = 8
+    # ... but no more pixels than this in one batch: larger images get smaller batches (a 1024x1024
+    # image's are 2, a 1536x1536 image runs alone), of a fixed shape too.
+    max_batch_pixels: int = 8 * 512 * 512
     # How long a newly arrived item waits for companions before a short batch starts: items
     # of jobs submitted together share a batch instead of each taking a padded one.
     batch_wait_s: float = 0.05
@@ -119,5 +122,5 @@ class FarmConfig:
         # Its own settings only: each table (pools, limits, retries) checks itself when built.
         if not 0 <= self.port <= 65535:
             raise ConfigValueError("port", f"must be in 1-65535, or 0 for a free port (got {self.port})")
-        _at_least(self, 1, "max_batch", "tiled_decode_above_pixels", "decode_tile", "upscale_tile")
+        _at_least(self, 1, "max_batch", "max_batch_pixels", "tiled_decode_above_pixels", "decode_tile", "upscale_tile")
         _at_least(self, 0, "batch_wait_s")

@@ -46,6 +46,8 @@ class Item:
     # When the replica it needed was first found unavailable (no attempt is spent while it waits).
     waiting_since: float | None = None
     ready_at: float = 0.0
+    # Items per batch of this item's key, where it is not its stage's (see Scheduler).
+    shape: int | None = None
 
 
 @dataclass(eq=False)
@@ -267,17 +269,20 @@ class Scheduler:
             if first is None:
                 continue
             head = first.peek(now)
-            if self._waits(level, stage, now, first, head):
+            shape = self._shape(stage, head)
+            if self._waits(level, stage, now, first, head, shape):
                 return None
-            items = self._fill(level, stage, now, head, self._shapes[stage])
+            items = self._fill(level, stage, now, head, shape)
             replica = self._place(stage, head.model)
             replica.in_flight += 1
-            return Batch(stage, replica.index, head.model, items, self._shapes[stage])
+            return Batch(stage, replica.index, head.model, items, shape)
         return None
 
-    def _waits(self, level: _Level, stage: str, now: float, first: _Job, head: Item) -> bool:
+    def _shape(self, stage: str, head: Item) -> int:
+        return head.shape or self._shapes[stage]
+
+    def _waits(self, level: _Level, stage: str, now: float, first: _Job, head: Item, shape: int) -> bool:
         """Whether a short batch of newly arrived items should wait a little for companions."""
-        shape = self._shapes[stage]
         ends = first.arrived + self._batch_wait_s
         if shape == 1 or now >= ends or head.failures or head.waiting_since is not None:
             return False

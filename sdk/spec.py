@@ -11,6 +11,7 @@ import io
 import json
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -36,9 +37,14 @@ class _Spec:
         return {name: value for name, value in asdict(self).items() if value is not None}
 
     def to_json(self) -> str:
+        return self._json
+
+    # Specs are frozen, so their JSON and name are computed once: the farm's bookkeeping asks often.
+    @cached_property
+    def _json(self) -> str:
         return json.dumps(self.fields(), sort_keys=True, ensure_ascii=False)
 
-    @property
+    @cached_property
     def file_name(self) -> str:
         """Deterministic from the spec, so a re-rendered image overwrites itself."""
         digest = hashlib.sha256(self.to_json().encode()).hexdigest()[:12]

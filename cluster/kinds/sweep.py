@@ -47,6 +47,9 @@ class Sweep:
     schedulers: tuple[str, ...]
     # Each image goes on through the x4 upscaler, and only the 4x images are results.
     upscale: UpscaleSettings | None = None
+    # The farm's batching limits: see batch_shape.
+    max_batch: int = 1
+    max_batch_pixels: int = 0
 
     def __post_init__(self):
         # A repeated axis value would repeat images: each spec is one result, once.
@@ -85,7 +88,8 @@ class Sweep:
         """The images `job` (its record in the job store) has no result for yet, lazily."""
         for spec in self.specs():
             if not job.is_done(spec):
-                yield Item(job.id, spec, spec.model, (batch_key(spec), self.upscale), self.upscale, job.failures(spec))
+                key, shape = (batch_key(spec), self.upscale), batch_shape(spec, self.max_batch, self.max_batch_pixels)
+                yield Item(job.id, spec, spec.model, key, self.upscale, job.failures(spec), shape=shape)
 
 
 def batch_key(spec: ImageSpec) -> tuple:
@@ -93,9 +97,21 @@ def batch_key(spec: ImageSpec) -> tuple:
     return (spec.model, spec.width, spec.height, spec.steps, spec.scheduler, guided(spec.guidance_scale))
 
 
+def batch_shape(spec: ImageSpec, max_batch: int, max_batch_pixels: int) -> int:
+    """Images in every denoiser batch of this spec's key, short ones padded: max_batch, or fewer for large
+    images, so that a batch holds at most max_batch_pixels pixels; one at least. A function of the key alone,
+    so an image's pixels never depend on its batch (README, "The purity rule")."""
+    return max(1, min(max_batch, max_batch_pixels // (spec.width * spec.height)))
+
+
 def validate(request: pb.SweepSpec, config: FarmConfig, model_info: ModelLookup) -> Sweep:
     sweep = _axes(request, config.limits, model_info)
-    return dataclasses.replace(sweep, upscale=_chained_upscale(request, sweep, config, model_info))
+    return dataclasses.replace(
+        sweep,
+        upscale=_chained_upscale(request, sweep, config, model_info),
+        max_batch=config.max_batch,
+        max_batch_pixels=config.max_batch_pixels,
+    )
 
 
 def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) -> Sweep:

@@ -730,3 +730,14 @@ def test_importing_renderfarm_cluster_scheduler_pulls_no_ray_or_torch():
     # adds neither ray nor torch to that.
     found = _imports_in_a_fresh_interpreter("import renderfarm.cluster.scheduler")
     assert "ray" not in found and "torch" not in found, found
+
+
+def test_an_items_own_shape_sets_its_batches_shape_and_keeps_keys_apart():
+    farm = Farm({D: 8}, {D: (1, 4)})
+    large = (Item("large", spec=n, model="m", key="1024px", shape=2) for n in range(5))
+    farm.add("large", source=large)
+    farm.add("small", 3, key="64px")
+    batches = farm.schedule()
+    assert [(b.shape, len(b.items), {i.key for i in b.items}) for b in batches] == [
+        (2, 2, {"1024px"}), (8, 3, {"64px"}), (2, 2, {"1024px"}), (2, 1, {"1024px"}),
+    ]  # fmt: skip

@@ -1,6 +1,6 @@
 import itertools
 
-from renderfarm.cluster.kinds.sweep import Sweep, batch_key
+from renderfarm.cluster.kinds.sweep import Sweep, batch_key, batch_shape
 
 
 def sweep(**overrides) -> Sweep:
@@ -71,3 +71,15 @@ def test_repeated_axis_values_make_each_image_once():
     )  # fmt: skip
     specs = list(sweep.specs())
     assert sweep.total == len(specs) == len(set(specs)) == 4
+
+
+def test_batch_shapes_are_a_function_of_the_key_and_bounded_in_pixels():
+    def shape(width, height, max_batch=8):
+        return batch_shape(next(sweep(sizes=((width, height),)).specs()), max_batch, 8 * 512 * 512)
+
+    assert [shape(512, 512), shape(768, 768), shape(1024, 1024), shape(1536, 1536)] == [8, 3, 2, 1]
+    assert shape(64, 64) == 8 and shape(64, 64, max_batch=1) == 1
+    s = sweep(sizes=((64, 64), (1024, 1024)))
+    s = Sweep(**{**vars(s), "max_batch": 8, "max_batch_pixels": 8 * 512 * 512})
+    shapes = {(item.spec.width, item.shape) for item in s.items(DoneRecord(()))}
+    assert shapes == {(64, 8), (1024, 2)}
