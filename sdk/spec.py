@@ -11,7 +11,7 @@ import io
 import json
 import re
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -37,21 +37,28 @@ class _Spec:
         return {name: value for name, value in asdict(self).items() if value is not None}
 
     def to_json(self) -> str:
-        return self._json
+        return _canonical_json(self)
 
-    # Specs are frozen, so their JSON and name are computed once: the farm's bookkeeping asks often.
-    @cached_property
-    def _json(self) -> str:
-        return json.dumps(self.fields(), sort_keys=True, ensure_ascii=False)
-
-    @cached_property
+    @property
     def file_name(self) -> str:
         """Deterministic from the spec, so a re-rendered image overwrites itself."""
-        digest = hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
-        return f"{self._name_stem()}-{digest}.png"
+        return _file_name(self)
 
     def _name_stem(self) -> str:
         raise NotImplementedError
+
+
+# Specs are frozen and hashable, so their JSON and name are computed once for the many times the farm's
+# bookkeeping asks (kept outside the instances, whose vars() stay their fields).
+@lru_cache(maxsize=65536)
+def _canonical_json(spec: _Spec) -> str:
+    return json.dumps(spec.fields(), sort_keys=True, ensure_ascii=False)
+
+
+@lru_cache(maxsize=65536)
+def _file_name(spec: _Spec) -> str:
+    digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:12]
+    return f"{spec._name_stem()}-{digest}.png"
 
 
 @dataclass(frozen=True)
