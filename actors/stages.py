@@ -108,10 +108,12 @@ class DecoderStage(_Stage):
 
     def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> list[bytes]:
         """PNG bytes of the first len(specs) items of `latents` (the rest is a batch's padding), each with its
-        spec embedded. Each image is decoded alone, so its pixels never depend on its batch."""
+        spec embedded. The whole batch is decoded at once, at the denoiser's fixed shape for its key, so an
+        image's pixels do not depend on its companions here either."""
         vae, _ = self._components(model)
         self._work_done += len(specs)
-        return [encode_png(txt2img.decode(vae, latents[i : i + 1])[0], spec) for i, spec in enumerate(specs)]
+        images = txt2img.decode(vae, latents)
+        return [encode_png(image, spec) for image, spec in zip(images, specs)]
 
     def decode_apart(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> tuple:
         """decode()'s PNGs, each an object of its own, then their SHA-256 digests; call with num_returns=len(specs)+1."""
