@@ -34,8 +34,23 @@ async def ready(actor) -> str:
     return await actor.ready.remote()
 
 
-async def stats(actor) -> tuple[str, int, int, int]:
-    return await actor.stats.remote()
+def stats(actor):
+    """A ref to the replica's (node id, peak RSS bytes, models loaded, work done)."""
+    return actor.stats.remote()
+
+
+def exchange_stats(exchange) -> list:
+    """Refs to the window exchange's open sessions and its peak RSS bytes."""
+    return [exchange.sessions.remote(), exchange.peak_rss_bytes.remote()]
+
+
+def close_session(exchange, session: str) -> None:
+    exchange.close.remote(session)
+
+
+def abort_session(exchange, session: str, why: str) -> None:
+    """Releases the parties of a spread image that wait for a failed one."""
+    exchange.abort.remote(session, why)
 
 
 def encode(actor, model: str, texts: Sequence[str]) -> tuple[list, object]:

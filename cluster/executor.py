@@ -280,11 +280,12 @@ class Executor:
         session = uuid.uuid4().hex
         latents, ends = calls.upscale_parts(actors, spec.model, image, spec, embeds, self._exchange, session)
         # The session is closed once every part has ended, however the image ends.
-        asyncio.gather(*ends, return_exceptions=True).add_done_callback(lambda _: self._exchange.close.remote(session))
+        asyncio.gather(*ends, return_exceptions=True).add_done_callback(
+            lambda _: calls.close_session(self._exchange, session)
+        )
         done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_EXCEPTION)
         if failed := [end.exception() for end in done if end.exception()]:
-            # Releases the parties that wait for the failed one.
-            self._exchange.abort.remote(session, f"{type(failed[0]).__name__}: {failed[0]}")
+            calls.abort_session(self._exchange, session, f"{type(failed[0]).__name__}: {failed[0]}")
             raise failed[0]
         return latents
 
@@ -338,11 +339,11 @@ class Executor:
             pool = self._pools.get(stage)
             replicas = ()
             if pool is not None:
-                replicas = tuple(ReplicaStats(*values) for values in ray.get([a.stats.remote() for a in pool.actors]))
+                replicas = tuple(ReplicaStats(*values) for values in ray.get([calls.stats(actor) for actor in pool.actors]))
             view[stage] = StageStats(replicas, self._batches[stage], dict(self._batch_sizes[stage]))
         exchange = ()
         if self._exchange is not None:
-            exchange = ray.get([self._exchange.sessions.remote(), self._exchange.peak_rss_bytes.remote()])
+            exchange = ray.get(calls.exchange_stats(self._exchange))
         return FarmStats(view, self._text_cache_hits, *exchange)
 
 
