@@ -88,12 +88,16 @@ class DenoiserStage(_Stage):
         vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
         return unet.to(self._device).eval(), scheduler_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
 
-    def denoise(self, model: str, batch: txt2img.DenoiseBatch, *embeds: torch.Tensor) -> torch.Tensor:
-        """`embeds`: one prompt embedding per item, then (if guided) one negative embedding per item."""
+    def denoise(
+        self, model: str, batch: txt2img.DenoiseBatch, texts: tuple[int, ...], *embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """`embeds`: the batch's distinct text embeddings; `texts`: for each item's prompt, then (if guided)
+        each item's negative prompt, the index of its embedding among them."""
         unet, scheduler_config, vae_scale_factor = self._components(model)
         count = len(batch.items)
+        per_text = [embeds[index] for index in texts]
         latents = txt2img.denoise(
-            unet, scheduler_config, vae_scale_factor, batch, embeds[:count], embeds[count : 2 * count]
+            unet, scheduler_config, vae_scale_factor, batch, per_text[:count], per_text[count : 2 * count]
         )
         self._work_done += count
         return latents.cpu()

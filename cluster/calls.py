@@ -60,12 +60,18 @@ def encode(actor, model: str, texts: Sequence[str]) -> tuple[list, object]:
 
 
 def denoise(actor, model: str, batch: DenoiseBatch, prompt_embeds: Sequence, negative_embeds: Sequence):
-    """The latents ref [B, C, h, w]."""
+    """The latents ref [B, C, h, w].
+
+    Each distinct embedding ref goes once, with each text's index among them: a batch's items mostly
+    share their texts, and the replica would otherwise fetch and deserialise one copy per item.
+    """
     if len(prompt_embeds) != len(batch.items) or len(negative_embeds) not in (0, len(batch.items)):
         raise StageContractError(
             f"a denoise batch of {len(batch.items)} got {len(prompt_embeds)} and {len(negative_embeds)} embeddings"
         )
-    return actor.denoise.remote(model, batch, *prompt_embeds, *negative_embeds)
+    refs = [*prompt_embeds, *negative_embeds]
+    distinct = {ref: index for index, ref in enumerate(dict.fromkeys(refs))}
+    return actor.denoise.remote(model, batch, tuple(distinct[ref] for ref in refs), *distinct)
 
 
 async def decode(actor, model: str, latents, specs: Sequence) -> list[bytes]:

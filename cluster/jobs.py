@@ -24,6 +24,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from renderfarm._wire import JobState
@@ -83,6 +84,19 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 );
 """
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction, committed whole or rolled back. The connection is in autocommit mode, where
+    `with db:` opens none, so each statement would commit (and sync the WAL) on its own."""
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def result_to_pb(spec: AnySpec, name: str) -> pb.ImageResult:
@@ -167,14 +181,14 @@ class JobRecord:
         """The one door for state changes (the engine's); a finished job's state is final."""
         if state not in LEGAL_CHANGES.get(self.state, ()):
             raise ValueError(f"job {self.id} cannot go from {self.state.value} to {state.value}")
-        with self._db:
+        with _transaction(self._db):
             self.state, self.error = state, error
             self._append(state=STATE_TO_PB[state], error=error)
             self._save()
         self.wake_followers()
 
     def request_cancel(self) -> None:
-        with self._db:
+        with _transaction(self._db):
             self.cancel_requested = True
             self._save()
 
@@ -198,7 +212,7 @@ class JobRecord:
     def count_failure(self, spec: AnySpec) -> int:
         """Records one more failed attempt of `spec`'s work item; returns the failures so far."""
         failures = self.failures(spec) + 1
-        with self._db:
+        with _transaction(self._db):
             self._db.execute(
                 "INSERT OR REPLACE INTO attempts (job_id, item, failures) VALUES (?, ?, ?)",
                 (self.id, spec.file_name, failures),
@@ -217,6 +231,12 @@ class JobRecord:
             self._append(result=result_to_pb(spec, name))
             self._done().add(item_key(spec))
         return bool(inserted)
+
+    def _reload(self) -> None:
+        """Forgets in-memory counts that a rolled-back transaction made; reads them again from the row."""
+        row = self._db.execute("SELECT completed, last_seq FROM jobs WHERE id = ?", (self.id,)).fetchone()
+        self.completed, self._last_seq = row["completed"], row["last_seq"]
+        self._done_items = None
 
     def _record_progress(self) -> None:
         self._append(progress=pb.Progress(completed=self.completed, total=self.total))
@@ -270,7 +290,7 @@ class JobStore:
 
     def create(self, request: pb.SubmitJobRequest, total: int) -> JobRecord:
         job_id = uuid.uuid4().hex[:16]
-        with self._db:
+        with _transaction(self._db):
             self._db.execute(
                 "INSERT INTO jobs (id, request_id, request, state, total, completed, error, created_at,"
                 " cancel_requested, last_seq) VALUES (?, ?, ?, ?, ?, 0, '', ?, 0, 0)",
@@ -288,14 +308,20 @@ class JobStore:
 
         Each job that got results gets one progress event after them; followers wake after the commit.
         """
-        new, touched = [], {}
-        with self._db:
-            for job, spec, name in results:
-                if job._record(spec, name):
-                    new.append((job, spec, name))
-                    touched[job.id] = job
+        new, touched = [], {job.id: job for job, _, _ in results}
+        try:
+            with _transaction(self._db):
+                for job, spec, name in results:
+                    if job._record(spec, name):
+                        new.append((job, spec, name))
+                for job in {job.id: job for job, _, _ in new}.values():
+                    job._record_progress()
+        except BaseException:
+            # Rolled back: what the records counted in memory did not happen.
             for job in touched.values():
-                job._record_progress()
+                job._reload()
+            raise
+        touched = {job.id: job for job, _, _ in new}
         for job in touched.values():
             job.wake_followers()
         return new

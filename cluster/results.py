@@ -28,12 +28,12 @@ class LocalResultStore:
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def write(self, job_id: str, spec: AnySpec, png: bytes) -> str:
-        """Stores one PNG atomically (temp file + rename); returns its file name."""
+    def write(self, job_id: str, results: Iterable[tuple[AnySpec, bytes]]) -> None:
+        """Stores each PNG atomically (temp file + rename) under its spec's file name."""
         directory = self.job_dir(job_id)
         directory.mkdir(parents=True, exist_ok=True)
-        _replace_atomically(directory / spec.file_name, png)
-        return spec.file_name
+        for spec, png in results:
+            _replace_atomically(directory / spec.file_name, png)
 
     def add_to_manifest(self, job_id: str, specs: Iterable[AnySpec]) -> None:
         """Appends a line for each newly recorded result (each stored under its spec's file name)."""

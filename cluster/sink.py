@@ -66,7 +66,8 @@ class ResultSink:
         """PNGs first, then manifest lines: a crash in between leaves files that a redo rewrites identically."""
         by_job = defaultdict(list)
         for job, spec, png in results:
-            self._store.write(job.id, spec, png)
-            by_job[job.id].append(spec)
-        for job_id, specs in by_job.items():
-            self._store.add_to_manifest(job_id, specs)
+            by_job[job.id].append((spec, png))
+        for job_id, written in by_job.items():
+            self._store.write(job_id, written)
+        for job_id, written in by_job.items():
+            self._store.add_to_manifest(job_id, [spec for spec, _ in written])

@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,7 +34,13 @@ MANIFEST = "manifest.jsonl"
 class _Spec:
     def fields(self) -> dict:
         """The spec as plain data; unset optional fields are left out, so older specs keep their JSON."""
-        return {name: value for name, value in asdict(self).items() if value is not None}
+        # vars() rather than dataclasses.asdict, which deep-copies every value: a spec's fields are
+        # immutable scalars, or a nested spec.
+        return {
+            name: value.fields() if isinstance(value, _Spec) else value
+            for name, value in vars(self).items()
+            if value is not None
+        }
 
     def to_json(self) -> str:
         return _canonical_json(self)
@@ -61,6 +67,12 @@ def _file_name(spec: _Spec) -> str:
     return f"{spec._name_stem()}-{digest}.png"
 
 
+@lru_cache(maxsize=4096)
+def _slug(prompt: str) -> str:
+    """A prompt's part of its images' file names; a sweep has many images per prompt."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "image"
+
+
 @dataclass(frozen=True)
 class ImageSpec(_Spec):
     """Everything a generated image is a function of (DESIGN.md invariant 1)."""
@@ -76,8 +88,7 @@ class ImageSpec(_Spec):
     scheduler: str
 
     def _name_stem(self) -> str:
-        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:40] or "image"
-        return f"{slug}-{self.seed}"
+        return f"{_slug(self.prompt)}-{self.seed}"
 
     def a1111_parameters(self) -> str:
         return "\n".join(self._a1111_lines())
@@ -193,4 +204,6 @@ def read_spec(png: str | Path | bytes) -> AnySpec:
 
 def manifest_line(name: str, spec: AnySpec) -> str:
     """One manifest.jsonl line: the file name and its spec."""
-    return json.dumps({"file": name, "spec": spec.fields()}, sort_keys=True, ensure_ascii=False) + "\n"
+    # What json.dumps({"file": name, "spec": spec.fields()}, sort_keys=True, ensure_ascii=False) writes,
+    # reusing the spec's canonical JSON ("file" sorts before "spec").
+    return f'{{"file": {json.dumps(name, ensure_ascii=False)}, "spec": {spec.to_json()}}}\n'

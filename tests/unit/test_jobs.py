@@ -124,3 +124,25 @@ def test_a_sweep_image_upscaled_in_the_farm_finishes_its_sweep_item(tmp_path):
     record(store, job, chained)
     assert job.is_done(spec(0)) and not job.is_done(spec(1))
     assert list(job.results()) == [(chained.file_name, chained)]
+
+
+class Unrecordable(ImageSpec):
+    def to_json(self) -> str:
+        raise RuntimeError("disk full")
+
+
+def test_a_failed_commit_records_nothing_and_the_same_results_record_later(tmp_path):
+    store = JobStore(tmp_path)
+    job = store.create(REQUEST, total=3)
+    broken = Unrecordable(**vars(spec(2)))
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.add_results([(job, spec(0), spec(0).file_name), (job, broken, "broken.png")])
+    assert job.completed == 0 and not job.is_done(spec(0))
+    reopened = JobStore(tmp_path).get(job.id)
+    # Nothing durable: a result, its events and its count commit together or not at all.
+    assert (reopened.completed, list(reopened.results()), len(reopened.events_after(0))) == (0, [], 1)
+    assert len(record(store, job, spec(0), spec(1))) == 2
+    store.stop_following()
+    log = events(store, job.id)[:-1]
+    assert [e.seq for e in log] == list(range(1, len(log) + 1))
+    assert [e.result.name for e in log if e.HasField("result")] == [spec(0).file_name, spec(1).file_name]
