@@ -21,6 +21,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import threading
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -218,10 +219,15 @@ class Executor:
             while len(self._embeddings) > TEXT_CACHE_ENTRIES:
                 self._embeddings.popitem(last=False)
             # Counted on its replica until the call ends, without pulling the embeddings here.
-            asyncio.ensure_future(done).add_done_callback(lambda _: self._scheduler.release("encoder", index))
+            asyncio.ensure_future(done).add_done_callback(lambda ended: self._encoded(ended, index))
         for text in texts:
             self._embeddings.move_to_end((model, text))
         return [self._embeddings[model, text] for text in texts]
+
+    def _encoded(self, ended: asyncio.Future, index: int) -> None:
+        self._scheduler.release("encoder", index)
+        if not ended.cancelled():
+            ended.exception()  # seen here; the batches that use the embeddings report the failure
 
     def forget_texts(self, batch: Batch) -> None:
         """After a failure the batch's cached embeddings may be what failed (lost with a node): encode afresh."""
@@ -296,19 +302,20 @@ class Executor:
             return Failure.CLUSTER_GONE
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, torch.OutOfMemoryError):
             return Failure.OUT_OF_MEMORY
-        if isinstance(error, ray.exceptions.ActorUnavailableError):
-            return Failure.UNAVAILABLE
+        # A replica that cannot be reached may be restarting, or on a lost node, or the whole cluster may be
+        # gone (its GCS dead, or this scheduler's own raylet): only the GCS tells them apart, so ask it first.
+        unavailable = isinstance(error, ray.exceptions.ActorUnavailableError)
         lost_object = isinstance(error, ray.exceptions.ObjectLostError) or (
             isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, ray.exceptions.ObjectLostError)
         )
         if isinstance(error, ray.exceptions.RayActorError) or lost_object:
-            try:
-                own_node_alive, alive = await asyncio.wait_for(asyncio.to_thread(_cluster_view), CLUSTER_CHECK_TIMEOUT_S)
-            except Exception:  # the GCS does not answer
+            view = await _ask_cluster()
+            if view is None:  # the GCS does not answer
                 return Failure.CLUSTER_GONE
+            own_node_alive, alive = view
             if not own_node_alive:
                 return Failure.CLUSTER_GONE
-            if self._forget_lost_nodes(alive) or lost_object:
+            if self._forget_lost_nodes(alive) or lost_object or unavailable:
                 return Failure.UNAVAILABLE
         return Failure.ITEM
 
@@ -351,6 +358,36 @@ def _cluster_view() -> tuple[bool, set[str]]:
     """(whether this scheduler's own node is alive, the ids of every live node); blocks on the GCS."""
     alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     return ray.get_runtime_context().get_node_id() in alive, alive
+
+
+async def _ask_cluster() -> tuple[bool, set[str]] | None:
+    """_cluster_view(), or None if the GCS gives no answer within CLUSTER_CHECK_TIMEOUT_S.
+
+    Asked on a daemon thread of its own, not the loop's executor: a call into a dead GCS blocks for Ray's
+    own reconnect timeout (60 s, after which Ray aborts the process), and asyncio.run() would wait for an
+    executor thread before the scheduler could exit with its own status."""
+    loop = asyncio.get_running_loop()
+    answer = loop.create_future()
+
+    def reply(view) -> None:
+        if not answer.done():
+            answer.set_result(view)
+
+    def ask() -> None:
+        try:
+            view = _cluster_view()
+        except Exception:
+            view = None
+        try:
+            loop.call_soon_threadsafe(reply, view)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    threading.Thread(target=ask, name="renderfarm-cluster-check", daemon=True).start()
+    try:
+        return await asyncio.wait_for(answer, CLUSTER_CHECK_TIMEOUT_S)
+    except TimeoutError:
+        return None
 
 
 def describe(error: BaseException) -> str:
