@@ -78,6 +78,13 @@ VALUE_SETS = {
         "networkPolicy": {"schedulerFrom": [{"namespaceSelector": {}}]},
         "scheduler": {"service": {"type": "NodePort"}},
     },  # fmt: skip
+    "teams": {
+        "secrets": {
+            "keysFile": {"existingSecret": "farm-keys"},
+            "tls": {"existingSecret": "farm-tls", "clientCa": {"existingSecret": "farm-client-ca"}},
+        },
+        "scheduler": {"service": {"type": "LoadBalancer"}},
+    },
     "example": yaml.safe_load((CHART / "examples" / "gpu-farm.yaml").read_text()),
 }
 
@@ -123,6 +130,13 @@ def pod_templates(manifests: list[dict]) -> dict[str, dict]:
 
 def env(container: dict) -> dict[str, dict]:
     return {variable["name"]: variable for variable in container.get("env", [])}
+
+
+def farm_config(manifests: list[dict], tmp_path: Path):
+    """The rendered farm.toml, as renderfarm's own loader reads it."""
+    farm_toml = tmp_path / "farm.toml"
+    farm_toml.write_text(one(manifests, "ConfigMap")["data"]["farm.toml"])
+    return load_config(farm_toml)
 
 
 # Rendering, lint and schemas
@@ -190,9 +204,7 @@ def test_the_crd_check_catches_a_misspelt_field(chart, raycluster_schema):
 
 def test_farm_toml_loads_into_the_pools_the_values_set(rendered, tmp_path):
     values, manifests = rendered
-    farm_toml = tmp_path / "farm.toml"
-    farm_toml.write_text(one(manifests, "ConfigMap")["data"]["farm.toml"])
-    config = load_config(farm_toml)
+    config = farm_config(manifests, tmp_path)
 
     for pool in ("encoders", "denoisers", "decoders", "upscalers"):
         loaded, wanted = getattr(config, pool), values["farm"][pool]
@@ -207,9 +219,7 @@ def test_farm_toml_loads_into_the_pools_the_values_set(rendered, tmp_path):
 
 def test_the_scheduler_mounts_what_farm_toml_names(rendered, tmp_path):
     values, manifests = rendered
-    farm_toml = tmp_path / "farm.toml"
-    farm_toml.write_text(one(manifests, "ConfigMap")["data"]["farm.toml"])
-    config = load_config(farm_toml)
+    config = farm_config(manifests, tmp_path)
     pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     mounts = {mount["name"]: Path(mount["mountPath"]) for mount in container["volumeMounts"]}
@@ -226,9 +236,43 @@ def test_the_scheduler_mounts_what_farm_toml_names(rendered, tmp_path):
     assert port_of(container, "grpc") == values["scheduler"]["port"] == config.port
 
 
-def test_the_chart_refuses_farm_keys_it_sets_itself(chart):
-    with pytest.raises(helm.HelmRenderError, match="farm.state_dir is set by the chart"):
-        render(chart, {"farm": {"state_dir": "/data"}})
+@pytest.mark.parametrize(
+    "farm", [{"state_dir": "/data"}, {"auth": {"keys_file": "/keys.toml"}}, {"tls_cert_file": "/cert.pem"}]
+)
+def test_the_chart_refuses_farm_keys_it_sets_itself(chart, farm):
+    (key,) = farm
+    with pytest.raises(helm.HelmRenderError, match=f"farm.{key} is set by the chart"):
+        render(chart, {"farm": farm})
+
+
+@pytest.mark.parametrize("ca_secret", ["farm-client-ca", "farm-tls"])  # cert-manager's Secret carries ca.crt too
+def test_the_scheduler_mounts_the_keys_file_and_tls_from_their_secrets(chart, tmp_path, ca_secret):
+    values = copy.deepcopy(VALUE_SETS["teams"])
+    values["secrets"]["tls"]["clientCa"]["existingSecret"] = ca_secret
+    manifests = render(chart, values)
+    config = farm_config(manifests, tmp_path)
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {Path(mount["mountPath"]): mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+
+    def secret_file(path: Path) -> tuple[str, str]:
+        """(Secret, key) that a farm.toml path reads, through the mount of its directory."""
+        mount = mounts[path.parent]
+        # A subPath mount would never see the Secret's updates.
+        assert mount["readOnly"] is True and "subPath" not in mount, path
+        return volumes[mount["name"]]["secret"]["secretName"], path.name
+
+    assert secret_file(config.auth.keys_file) == ("farm-keys", "keys.toml")
+    assert secret_file(config.tls_cert_file) == ("farm-tls", "tls.crt")
+    assert secret_file(config.tls_key_file) == ("farm-tls", "tls.key")
+    assert secret_file(config.tls_client_ca_file) == (ca_secret, "ca.crt")
+    assert config.health_port == 50052 == port_of(container, "health")
+
+
+def test_a_client_ca_without_tls_is_refused(chart):
+    with pytest.raises(helm.HelmRenderError, match="secrets.tls.clientCa needs secrets.tls.existingSecret"):
+        render(chart, {"secrets": {"tls": {"clientCa": {"existingSecret": "farm-ca"}}}})
 
 
 def test_a_worker_group_without_a_gpu_is_refused(chart):
@@ -262,13 +306,22 @@ def test_autoscaling_bounds_come_from_the_values(rendered):
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
-def test_the_scheduler_is_probed_over_grpc_health(rendered):
-    _, manifests = rendered
+def test_the_scheduler_is_probed_over_grpc_health(rendered, tmp_path):
+    values, manifests = rendered
+    config = farm_config(manifests, tmp_path)
     deployment = one(manifests, "Deployment")["spec"]
     assert deployment["strategy"]["type"] == "Recreate" and deployment["replicas"] == 1
     (container,) = deployment["template"]["spec"]["containers"]
+    # Kubernetes' gRPC probes cannot speak TLS: with TLS on, they use the plaintext health port.
+    if values["secrets"]["tls"]["existingSecret"]:
+        probed = values["scheduler"]["healthPort"]
+        assert port_of(container, "health") == config.health_port == probed and config.tls_cert_file
+    else:
+        probed = port_of(container, "grpc")
+        assert config.health_port is None and config.tls_cert_file is None
+        assert "health" not in {port["name"] for port in container["ports"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port_of(container, "grpc"), probe
+        assert container[probe]["grpc"]["port"] == probed, probe
 
 
 def test_no_container_runs_as_root(rendered):

@@ -49,6 +49,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "renderfarm.outputDir" -}}/var/lib/renderfarm/output{{- end }}
 {{- define "renderfarm.modelCacheDir" -}}/var/cache/renderfarm/models{{- end }}
 
+{{/* The Secrets' mounts sit outside configDir: its read-only ConfigMap mount leaves no room for mount points. */}}
+{{- define "renderfarm.keysDir" -}}/var/run/secrets/renderfarm/keys{{- end }}
+{{- define "renderfarm.tlsDir" -}}/var/run/secrets/renderfarm/tls{{- end }}
+{{- define "renderfarm.clientCaDir" -}}/var/run/secrets/renderfarm/client-ca{{- end }}
+
+{{/* Kubernetes' gRPC probes cannot speak TLS: with TLS on, they use the plaintext health port. */}}
+{{- define "renderfarm.probePort" -}}
+{{- if .Values.secrets.tls.existingSecret }}
+{{- .Values.scheduler.healthPort }}
+{{- else }}
+{{- .Values.scheduler.port }}
+{{- end }}
+{{- end }}
+
 {{/* A farm.toml value: TOML spells strings, numbers and booleans as JSON does. */}}
 {{- define "renderfarm.tomlValue" -}}
 {{- if or (kindIs "map" .) (kindIs "slice" .) }}
