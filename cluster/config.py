@@ -83,6 +83,15 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may call the farm; see the README's "Teams"."""
+
+    # A TOML file of users ([[users]]: name, role, token_sha256, weight, quotas), re-read when it
+    # changes. Without it (and without RENDERFARM_TOKEN) the API is open to whoever reaches the port.
+    keys_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class FarmConfig:
     # Where result PNGs and manifests go: OUTPUT_DIR/<job id>/.
     output_dir: Path
@@ -93,6 +102,13 @@ class FarmConfig:
     host: str = "127.0.0.1"
     # 0 picks a free port.
     port: int = DEFAULT_PORT
+    # PEM files: with both, the port serves TLS only; with a client CA too, clients must present a
+    # certificate it signed (mTLS). Renewed files are picked up by new connections.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # A second, plaintext port serving only grpc.health.v1: Kubernetes' gRPC probes cannot speak TLS.
+    health_port: int | None = None
     # None starts a local Ray instance; "auto" or an address joins a running cluster.
     ray_address: str | None = None
     # Images per denoiser batch; every batch runs at this shape (short ones padded), so that
@@ -117,10 +133,17 @@ class FarmConfig:
     upscale_tile: int = 128
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self):
         # Its own settings only: each table (pools, limits, retries) checks itself when built.
-        if not 0 <= self.port <= 65535:
-            raise ConfigValueError("port", f"must be in 1-65535, or 0 for a free port (got {self.port})")
+        for key in ("port", "health_port"):
+            port = getattr(self, key)
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigValueError(key, f"must be in 1-65535, or 0 for a free port (got {port})")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigValueError("tls_cert_file", "and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigValueError("tls_client_ca_file", "needs tls_cert_file and tls_key_file (mTLS is TLS first)")
         _at_least(self, 1, "max_batch", "max_batch_pixels", "tiled_decode_above_pixels", "decode_tile", "upscale_tile")
         _at_least(self, 0, "batch_wait_s")

@@ -32,15 +32,21 @@ def load_config(path: str | Path) -> FarmConfig:
     """Reads a farm.toml. Unknown keys, wrong types, missing required keys and values out of
     range (as each dataclass's __post_init__ checks them) raise ConfigError."""
     path = Path(path)
+    table = read_toml(path)
+    return from_table(FarmConfig, table, path.name, "")
+
+
+def read_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as file:
-            table = tomllib.load(file)
+            return tomllib.load(file)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path.name}: not valid TOML: {error}") from None
-    return _build(FarmConfig, table, path.name, "")
 
 
-def _build(cls, table: dict, source: str, prefix: str):
+def from_table(cls, table: dict, source: str, prefix: str):
+    """The dataclass `cls` from a TOML table; `source` (a file name) and `prefix` (the table's
+    place in it, "denoisers.") name a bad key in the ConfigError."""
     types = typing.get_type_hints(cls)
     fields = {field.name: field for field in dataclasses.fields(cls)}
     for key in table:
@@ -57,7 +63,7 @@ def _build(cls, table: dict, source: str, prefix: str):
         if dataclasses.is_dataclass(expected):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {key} must be a table ([{key}]), got {_shown(value)}")
-            values[name] = _build(expected, value, source, f"{key}.")
+            values[name] = from_table(expected, value, source, f"{key}.")
         else:
             values[name] = _scalar(value, expected, source, key)
     try:

@@ -58,17 +58,19 @@ class Engine:
 
     # -- jobs in -------------------------------------------------------------------------------------
 
-    def submit(self, job: JobRecord, work: kinds.Work) -> None:
+    def submit(self, job: JobRecord, work: kinds.Work, weight: float) -> None:
+        """Queues a planned job; `weight` is its owner's share against other owners (see the scheduler)."""
         request = job.summary
         if request.WhichOneof("kind") == "upscale" or getattr(work, "upscale", None) is not None:
             self.executor.start_upscalers()
         self._active[job.id] = job
         now = asyncio.get_running_loop().time()
-        self._scheduler.add_job(job.id, kinds.stage(request), work.items(job), now, priority=job.priority)
+        self._scheduler.add_job(job.id, kinds.stage(request), work.items(job), now, priority=job.priority,
+                                 owner=job.owner, weight=weight)  # fmt: skip
         self._settle(job)
         self._pump()
 
-    async def resume(self, job: JobRecord) -> None:
+    async def resume(self, job: JobRecord, weight: float) -> None:
         """Takes up a job a previous scheduler on this state dir left unfinished; its done items stay done."""
         if job.cancel_requested:
             self._finish(job, JobState.CANCELLED)
@@ -81,7 +83,7 @@ class Engine:
         # The manifest may lack the last results, or end in a torn line, if the process died writing it.
         await asyncio.to_thread(self._store.rewrite_manifest, job.id, list(job.results()))
         log.info("resuming job %s: %d of %d images done", job.id, job.completed, job.total)
-        self.submit(job, work)
+        self.submit(job, work, weight)
 
     def cancel(self, job: JobRecord) -> None:
         """No more of the job's items start; those in flight finish and are kept."""

@@ -49,10 +49,13 @@ DATABASE = "jobs.sqlite3"
 # Events a stream reads from the database at a time.
 EVENTS_PER_READ = 256
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+# Named by {table}: a store from before owners is moved into a fresh one (see _add_owners).
+JOBS_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
     id TEXT PRIMARY KEY,
-    request_id TEXT UNIQUE,
+    -- The user who submitted it; request ids are theirs alone.
+    owner TEXT NOT NULL,
+    request_id TEXT,
     request BLOB NOT NULL,
     state TEXT NOT NULL,
     total INTEGER NOT NULL,
@@ -60,8 +63,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL,
     created_at REAL NOT NULL,
     cancel_requested INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL
+    last_seq INTEGER NOT NULL,
+    UNIQUE (owner, request_id)
 );
+"""
+JOBS_COLUMNS = "id, request_id, request, state, total, completed, error, created_at, cancel_requested, last_seq"
+
+SCHEMA = (
+    JOBS_TABLE.format(table="jobs")
+    + """
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     name TEXT NOT NULL,
@@ -84,6 +94,7 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 );
 """
+)
 
 
 @contextmanager
@@ -136,6 +147,7 @@ class JobRecord:
     def __init__(self, db: sqlite3.Connection, row: sqlite3.Row):
         self._db = db
         self.id: str = row["id"]
+        self.owner: str = row["owner"]
         self.summary = _summary(pb.SubmitJobRequest.FromString(row["request"]))
         self.total: int = row["total"]
         self.created_at: float = row["created_at"]
@@ -159,7 +171,8 @@ class JobRecord:
         self._last_seq += 1
         event = pb.JobEvent(seq=self._last_seq, job_id=self.id, **kind)
         self._db.execute(
-            "INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)", (self.id, self._last_seq, event.SerializeToString())
+            "INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)",
+            (self.id, self._last_seq, event.SerializeToString()),
         )
 
     def _save(self) -> None:
@@ -257,6 +270,7 @@ class JobRecord:
             error=self.error,
             created_at=self.created_at,
             priority=self.priority,
+            owner=self.owner,
         )
         kind = self.summary.WhichOneof("kind")
         getattr(job, kind).CopyFrom(getattr(self.summary, kind))
@@ -264,7 +278,8 @@ class JobRecord:
 
     def events_after(self, seq: int) -> list[pb.JobEvent]:
         rows = self._db.execute(
-            "SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (self.id, seq, EVENTS_PER_READ)
+            "SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (self.id, seq, EVENTS_PER_READ),
         )
         return [pb.JobEvent.FromString(data) for (data,) in rows.fetchall()]
 
@@ -280,21 +295,43 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode = WAL")
         # In WAL mode, NORMAL loses nothing when the process dies; only an OS crash can drop the last commits.
         self._db.execute("PRAGMA synchronous = NORMAL")
+        self._add_owners()
         self._db.executescript(SCHEMA)
         rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at, rowid").fetchall()
         self._jobs = {row["id"]: JobRecord(self._db, row) for row in rows}
         self._stopping = False
 
+    def _add_owners(self) -> None:
+        """A store written before jobs had owners: its jobs move into a table with the owner column
+        (SQLite cannot change a UNIQUE constraint in place), owned by no one, so only admins see them."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if not columns or "owner" in columns:
+            return
+        with _transaction(self._db):
+            self._db.execute(JOBS_TABLE.format(table="jobs_with_owners"))
+            self._db.execute(
+                f"INSERT INTO jobs_with_owners (owner, {JOBS_COLUMNS}) SELECT '', {JOBS_COLUMNS} FROM jobs"
+            )
+            self._db.execute("DROP TABLE jobs")
+            self._db.execute("ALTER TABLE jobs_with_owners RENAME TO jobs")
+
     def close(self) -> None:
         self._db.close()
 
-    def create(self, request: pb.SubmitJobRequest, total: int) -> JobRecord:
+    def create(self, request: pb.SubmitJobRequest, total: int, *, owner: str) -> JobRecord:
         job_id = uuid.uuid4().hex[:16]
         with _transaction(self._db):
             self._db.execute(
-                "INSERT INTO jobs (id, request_id, request, state, total, completed, error, created_at,"
-                " cancel_requested, last_seq) VALUES (?, ?, ?, ?, ?, 0, '', ?, 0, 0)",
-                (job_id, request.request_id or None, request.SerializeToString(), JobState.QUEUED.value, total, time.time()),
+                f"INSERT INTO jobs (owner, {JOBS_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, '', ?, 0, 0)",
+                (
+                    owner,
+                    job_id,
+                    request.request_id or None,
+                    request.SerializeToString(),
+                    JobState.QUEUED.value,
+                    total,
+                    time.time(),
+                ),  # fmt: skip
             )
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             job = JobRecord(self._db, row)
@@ -326,8 +363,9 @@ class JobStore:
             job.wake_followers()
         return new
 
-    def by_request_id(self, request_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT id FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+    def by_request_id(self, owner: str, request_id: str) -> JobRecord | None:
+        """The owner's job of that request id: request ids are each user's own."""
+        row = self._db.execute("SELECT id FROM jobs WHERE owner = ? AND request_id = ?", (owner, request_id)).fetchone()
         return self._jobs[row["id"]] if row else None
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -335,6 +373,9 @@ class JobStore:
 
     def all(self) -> list[JobRecord]:
         return list(self._jobs.values())
+
+    def owned_by(self, owner: str) -> list[JobRecord]:
+        return [job for job in self._jobs.values() if job.owner == owner]
 
     def unfinished(self) -> list[JobRecord]:
         return [job for job in self._jobs.values() if not job.state.finished]

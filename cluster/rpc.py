@@ -1,9 +1,11 @@
-"""The service's gRPC method handlers, parsing request bytes so that malformed ones are INVALID_ARGUMENT.
+"""The service's gRPC method handlers: every call authenticated, then its request bytes parsed so that
+malformed ones are INVALID_ARGUMENT.
 
 grpc answers UNKNOWN when a deserializer raises, and protobuf rejects a whole
 message for one string field that is not UTF-8 without saying which. Here the
-deserializer hands such bytes on as an UnparsableRequest, naming the field
-found by walking the wire format, and the handler answers INVALID_ARGUMENT.
+handler receives the raw bytes; the parser hands bytes protobuf refuses on as an
+UnparsableRequest, naming the field found by walking the wire format, and the
+handler answers INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from renderfarm._constants import FIELD_METADATA_KEY
+from renderfarm.cluster.auth import Users
 from renderfarm.cluster.validate import invalid
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
@@ -109,37 +112,50 @@ def _is_utf8(value: bytes) -> bool:
     return True
 
 
-def service_handler(servicer) -> grpc.GenericRpcHandler:
-    """The RenderFarm methods of `servicer`, each answering unparsable requests INVALID_ARGUMENT first."""
+def service_handler(servicer, users: Users) -> grpc.GenericRpcHandler:
+    """The RenderFarm methods of `servicer`, read off the service descriptor so that none is left
+    unguarded: each authenticates its caller first (UNAUTHENTICATED without a known token), then
+    parses the request (INVALID_ARGUMENT if it cannot be), then runs `servicer.NAME(request,
+    context, caller)`. Request bytes are parsed only for a caller who is known."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["RenderFarm"].methods:
-        behaviour = getattr(servicer, method.name)
+        behaviour, parse = getattr(servicer, method.name), request_parser(getattr(pb, method.input_type.name))
         if method.server_streaming:
-            make_handler, behaviour = grpc.unary_stream_rpc_method_handler, _checked_stream(behaviour)
+            make_handler, behaviour = grpc.unary_stream_rpc_method_handler, _checked_stream(behaviour, parse, users)
         else:
-            make_handler, behaviour = grpc.unary_unary_rpc_method_handler, _checked_unary(behaviour)
+            make_handler, behaviour = grpc.unary_unary_rpc_method_handler, _checked_unary(behaviour, parse, users)
         handlers[method.name] = make_handler(
-            behaviour,
-            request_deserializer=request_parser(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            behaviour, response_serializer=getattr(pb, method.output_type.name).SerializeToString
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-def _checked_unary(behaviour):
-    async def unary(request, context):
-        if isinstance(request, UnparsableRequest):
-            await abort_invalid(context, request.error)
-        return await behaviour(request, context)
+async def _admitted(data: bytes, context, parse, users: Users):
+    """(the parsed request, the caller), or the call ends UNAUTHENTICATED or INVALID_ARGUMENT."""
+    caller = users.authenticate(context.invocation_metadata())
+    if caller is None:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong API token: set RENDERFARM_TOKEN to a token this farm knows (or pass token=)",
+        )
+    request = parse(data)
+    if isinstance(request, UnparsableRequest):
+        await abort_invalid(context, request.error)
+    return request, caller
+
+
+def _checked_unary(behaviour, parse, users: Users):
+    async def unary(data, context):
+        request, caller = await _admitted(data, context, parse, users)
+        return await behaviour(request, context, caller)
 
     return unary
 
 
-def _checked_stream(behaviour):
-    async def stream(request, context):
-        if isinstance(request, UnparsableRequest):
-            await abort_invalid(context, request.error)
-        async for response in behaviour(request, context):
+def _checked_stream(behaviour, parse, users: Users):
+    async def stream(data, context):
+        request, caller = await _admitted(data, context, parse, users)
+        async for response in behaviour(request, context, caller):
             yield response
 
     return stream

@@ -199,12 +199,13 @@ class Scheduler:
     def add_job(self, job_id: str, stage: str, items: Iterator[Item], now: float, *, priority: int = 0,
                 owner: str | None = None, weight: float = 1.0) -> None:  # fmt: skip
         """Queues a job's items (a lazy iterator: a sweep is never materialised). Each job is its own
-        owner, of weight 1, unless `owner` names one."""
+        owner, of weight 1, unless `owner` names one; an owner's weight is the one its latest job came with."""
         level = self._levels.setdefault(priority, _Level())
         name = owner if owner is not None else job_id
         account = level.owners.get((name, stage))
         if account is None:
             account = level.owners[(name, stage)] = _Owner(name, weight)
+        account.weight = weight
         if not any(job.has_pending for job in account.jobs):
             # An owner that was idle joins at the level's clock: idling earns no credit.
             account.vtime = max(account.vtime, level.clock.get(stage, 0.0))
@@ -390,7 +391,9 @@ class Scheduler:
         Its items stay in flight; the engine releases the batch's replica as for any batch."""
         middle = (len(batch.items) + 1) // 2
         shape = (batch.shape + 1) // 2
-        halves = [Batch(batch.stage, -1, batch.model, part, shape) for part in (batch.items[:middle], batch.items[middle:])]
+        halves = [
+            Batch(batch.stage, -1, batch.model, part, shape) for part in (batch.items[:middle], batch.items[middle:])
+        ]
         self._pinned.setdefault(batch.stage, []).extend(halves)
 
     def next_wake_at(self) -> float | None:

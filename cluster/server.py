@@ -4,38 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from renderfarm.cluster import kinds
-from renderfarm.cluster.auth import BearerTokenInterceptor
+from renderfarm.cluster import kinds, quotas
+from renderfarm.cluster.auth import Users
 from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import SERVER_OPTIONS, SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
+from renderfarm.cluster.keys import User
 from renderfarm.cluster.model_info import ModelInfo, model_info
 from renderfarm.cluster.results import LocalResultStore
 from renderfarm.cluster.rpc import SERVICE_NAME, abort, abort_invalid, service_handler
 from renderfarm.cluster.stats import FarmStats
+from renderfarm.cluster.tls import server_credentials
 from renderfarm.cluster.validate import check_id
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
-from renderfarm.v1 import farm_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
-class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
-    def __init__(self, config: FarmConfig, jobs: JobStore, store: LocalResultStore, engine):
+class RenderFarmService:
+    """The RenderFarm methods; rpc.service_handler calls each with the authenticated caller."""
+
+    def __init__(self, config: FarmConfig, jobs: JobStore, store: LocalResultStore, engine, users: Users):
         self._config = config
         self._jobs = jobs
         self._store = store
         self._engine = engine
+        self._users = users
         self._draining = False
 
-    async def SubmitJob(self, request, context):
-        if request.request_id and (existing := self._jobs.by_request_id(request.request_id)):
+    async def SubmitJob(self, request, context, caller: User):
+        if request.request_id and (existing := self._jobs.by_request_id(caller.name, request.request_id)):
             return pb.SubmitJobResponse(job=existing.to_pb())
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the farm is shutting down; submit again once it is back")
@@ -45,41 +50,47 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         except InvalidJobError as error:
             await abort_invalid(context, error)
         # A retry of this request may have created the job while this one was validated.
-        if request.request_id and (existing := self._jobs.by_request_id(request.request_id)):
+        if request.request_id and (existing := self._jobs.by_request_id(caller.name, request.request_id)):
             return pb.SubmitJobResponse(job=existing.to_pb())
-        # No await between this count and the create below, so concurrent submissions cannot both pass.
-        unfinished = len(self._jobs.unfinished())
-        if unfinished >= self._config.limits.max_concurrent_jobs:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{unfinished} jobs are queued or running, the farm's limit "
-                f"(max_concurrent_jobs = {self._config.limits.max_concurrent_jobs}); submit again when one ends",
-            )
-        job = self._jobs.create(request, work.total)
-        self._engine.submit(job, work)
+        # No await between this check and the create below, so concurrent submissions cannot both pass.
+        if refused := quotas.refusal(self._config.limits, caller, self._jobs, work.total, time.time()):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message)
+        job = self._jobs.create(request, work.total, owner=caller.name)
+        self._engine.submit(job, work, caller.weight)
         return pb.SubmitJobResponse(job=job.to_pb())
 
     def _model_info(self, model: str) -> ModelInfo:
         return model_info(model, self._config.model_cache_dir)
 
-    async def _job(self, job_id: str, context) -> JobRecord:
+    async def _job(self, job_id: str, context, caller: User) -> JobRecord:
         try:
             check_id("job_id", job_id)
         except InvalidJobError as error:
             await abort_invalid(context, error)
         job = self._jobs.get(job_id)
-        if job is None:
+        # Another user's job answers exactly as a job that does not exist: ids leak nothing.
+        if job is None or not caller.may_see(job.owner):
             await abort(context, grpc.StatusCode.NOT_FOUND, "job_id", f"job_id: no job {job_id!r}")
         return job
 
-    async def GetJob(self, request, context):
-        return pb.GetJobResponse(job=(await self._job(request.job_id, context)).to_pb())
+    async def GetJob(self, request, context, caller: User):
+        return pb.GetJobResponse(job=(await self._job(request.job_id, context, caller)).to_pb())
 
-    async def ListJobs(self, request, context):
-        return pb.ListJobsResponse(jobs=[job.to_pb() for job in self._jobs.all()])
+    async def ListJobs(self, request, context, caller: User):
+        if request.owner and not caller.may_see(request.owner):
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "owner",
+                f"owner: {caller.name} is a member, and members list only their own jobs",
+            )
+        jobs = (job for job in self._jobs.all() if caller.may_see(job.owner))
+        if request.owner:
+            jobs = (job for job in jobs if job.owner == request.owner)
+        return pb.ListJobsResponse(jobs=[job.to_pb() for job in jobs])
 
-    async def CancelJob(self, request, context):
-        job = await self._job(request.job_id, context)
+    async def CancelJob(self, request, context, caller: User):
+        job = await self._job(request.job_id, context, caller)
         if job.state.finished:
             await abort(
                 context,
@@ -90,8 +101,8 @@ class RenderFarmService(farm_pb2_grpc.RenderFarmServicer):
         self._engine.cancel(job)
         return pb.CancelJobResponse(job=job.to_pb())
 
-    async def StreamJobEvents(self, request, context):
-        job = await self._job(request.job_id, context)
+    async def StreamJobEvents(self, request, context, caller: User):
+        job = await self._job(request.job_id, context, caller)
         async for events in self._jobs.follow(job, request.after_seq):
             if events is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is stopping; resume from the last seq")
@@ -122,11 +133,15 @@ class Farm:
     """A running farm: Ray (started or joined), the stage pools and the gRPC server."""
 
     def __init__(self, config: FarmConfig, token: str | None = None):
-        """`token`: when set, every RenderFarm call must carry it as a bearer token."""
+        """`token`: when set, it is the token of an admin named `admin` (RENDERFARM_TOKEN); the keys file
+        (config.auth.keys_file) names the other users. With neither, the API is open."""
         self.config = config
         self._token = token
         self.port: int | None = None
+        # The plaintext health-only port (config.health_port), when there is one.
+        self.health_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._service: RenderFarmService | None = None
         self._engine = None
         self._health = HealthServicer()
@@ -149,29 +164,51 @@ class Farm:
     async def start(self) -> None:
         from renderfarm.cluster.engine import Engine
 
+        # Before anything starts: a broken keys file or unreadable certificate is the operator's to fix.
+        users = Users(self.config.auth.keys_file, self._token)
+        credentials = server_credentials(self.config)
+        if users.open:
+            log.warning("no keys file and no RENDERFARM_TOKEN: the API is open to whoever reaches its port")
         self.connect_ray()
         store = LocalResultStore(self.config.output_dir)
         self._jobs = JobStore(self.config.state_dir)
-        self._engine = Engine(self.config, self._jobs, store, lambda model: model_info(model, self.config.model_cache_dir))
+        self._engine = Engine(
+            self.config, self._jobs, store, lambda model: model_info(model, self.config.model_cache_dir)
+        )
         await self._engine.start()
-        self._service = RenderFarmService(self.config, self._jobs, store, self._engine)
+        self._service = RenderFarmService(self.config, self._jobs, store, self._engine, users)
         for job in self._jobs.unfinished():
-            await self._engine.resume(job)
-        interceptors = [BearerTokenInterceptor(self._token, SERVICE_NAME)] if self._token else []
-        self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-        self._server.add_generic_rpc_handlers((service_handler(self._service),))
+            # An owner no longer in the keys file keeps the default share.
+            owner = users.get(job.owner)
+            await self._engine.resume(job, owner.weight if owner else 1.0)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server.add_generic_rpc_handlers((service_handler(self._service, users),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
+        if self.config.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
+            await self._health_server.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("renderfarm serving on %s", self.address)
+        log.info("renderfarm serving on %s%s", self.address, " (TLS)" if credentials else "")
+
+    async def _stop_servers(self) -> None:
+        await self._server.stop(SHUTDOWN_GRACE_S)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
 
     async def stop(self) -> None:
         """Graceful: health goes NOT_SERVING, running jobs drain, then the server and pools stop."""
         await self._health.enter_graceful_shutdown()
         await self._service.drain()
-        await self._server.stop(SHUTDOWN_GRACE_S)
+        await self._stop_servers()
         self._engine.executor.shutdown()
         self._jobs.close()
 
@@ -184,7 +221,7 @@ class Farm:
         if self._engine.cluster_gone.done():
             await self._health.enter_graceful_shutdown()
             self._jobs.stop_following()
-            await self._server.stop(SHUTDOWN_GRACE_S)
+            await self._stop_servers()
             self._jobs.close()
             self._engine.cluster_gone.result()
         await self.stop()

@@ -12,11 +12,13 @@ from renderfarm._wire import JobState, JobStatus, Result
 from renderfarm.aio import AsyncClient, AsyncJob
 from renderfarm.client import Client, Job
 from renderfarm.errors import (
+    AuthenticationError,
     CapacityError,
     FarmUnavailableError,
     InvalidJobError,
     JobFailedError,
     JobNotFoundError,
+    PermissionDeniedError,
     RenderfarmError,
 )
 from renderfarm.spec import ImageSpec, read_spec
@@ -24,6 +26,7 @@ from renderfarm.spec import ImageSpec, read_spec
 __all__ = [
     "AsyncClient",
     "AsyncJob",
+    "AuthenticationError",
     "CapacityError",
     "Client",
     "FarmUnavailableError",
@@ -34,6 +37,7 @@ __all__ = [
     "JobNotFoundError",
     "JobState",
     "JobStatus",
+    "PermissionDeniedError",
     "RenderfarmError",
     "Result",
     "read_spec",

@@ -36,3 +36,7 @@ RECONNECT_WINDOW_S = 120.0
 
 # Trailing metadata key naming the request field an INVALID_ARGUMENT is about.
 FIELD_METADATA_KEY = "renderfarm-field"
+
+# Call metadata carrying the caller's API token: `authorization: Bearer TOKEN`.
+AUTHORIZATION_KEY = "authorization"
+BEARER_PREFIX = "Bearer "

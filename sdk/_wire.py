@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 import grpc
 
 from renderfarm._constants import (
+    AUTHORIZATION_KEY,
+    BEARER_PREFIX,
     DEFAULT_UPSCALER,
     FIELD_METADATA_KEY,
     RECONNECT_FIRST_DELAY_S,
@@ -21,10 +24,12 @@ from renderfarm._constants import (
     RECONNECT_WINDOW_S,
 )
 from renderfarm.errors import (
+    AuthenticationError,
     CapacityError,
     FarmUnavailableError,
     InvalidJobError,
     JobNotFoundError,
+    PermissionDeniedError,
     RenderfarmError,
 )
 from renderfarm.spec import AnySpec, DecodedImageSpec, ImageSpec, UpscaledImageSpec
@@ -61,6 +66,7 @@ class JobStatus:
     error: str
     created_at: float
     priority: int = 0  # as submitted: higher runs first
+    owner: str = ""  # the user who submitted it
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,7 @@ def job_status(job: pb.Job) -> JobStatus:
         error=job.error,
         created_at=job.created_at,
         priority=job.priority,
+        owner=job.owner,
     )
 
 
@@ -263,6 +270,10 @@ def translate(error: grpc.RpcError, timeout: float | None = None) -> RenderfarmE
         return CapacityError(message)
     if code == grpc.StatusCode.NOT_FOUND:
         return JobNotFoundError(message)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(message)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDeniedError(message)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return FarmUnavailableError(message)
     return RenderfarmError(f"{code.name}: {message}")
@@ -272,8 +283,45 @@ def is_transient(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def channel_target(
+    address: str, *, tls: bool | None, root_certificates, client_certificate, client_key
+) -> tuple[str, grpc.ChannelCredentials | None]:
+    """(HOST:PORT to dial, TLS credentials or None for plaintext) for a Client's arguments.
+
+    `grpcs://HOST:PORT` is TLS, `grpc://HOST:PORT` plaintext; a bare HOST:PORT is TLS when `tls` is
+    true or a CA is given (argument or $RENDERFARM_TLS_CA). PEM arguments are bytes or file paths;
+    without a CA, TLS trusts the system's roots. A client certificate and key ($RENDERFARM_TLS_CERT,
+    $RENDERFARM_TLS_KEY) answer a farm that requires them (mTLS).
+    """
+    scheme, separator, target = address.partition("://")
+    if not separator:
+        scheme, target = None, address
+    elif scheme not in ("grpc", "grpcs"):
+        raise ValueError(f"address {address!r}: the scheme must be grpcs:// (TLS) or grpc:// (plaintext)")
+    root_certificates = root_certificates or os.environ.get("RENDERFARM_TLS_CA") or None
+    client_certificate = client_certificate or os.environ.get("RENDERFARM_TLS_CERT") or None
+    client_key = client_key or os.environ.get("RENDERFARM_TLS_KEY") or None
+    if scheme is not None and tls is not None and tls != (scheme == "grpcs"):
+        raise ValueError(f"address {address!r} says {scheme}://, which contradicts tls={tls}")
+    if tls is None:
+        tls = scheme == "grpcs" or (scheme is None and root_certificates is not None)
+    if not tls:
+        return target, None
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("client_certificate and client_key go together: give both or neither")
+    credentials = grpc.ssl_channel_credentials(_pem(root_certificates), _pem(client_key), _pem(client_certificate))
+    return target, credentials
+
+
+def _pem(value) -> bytes | None:
+    """PEM bytes as given, or read from a path (str or Path)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
 def metadata(token: str | None) -> tuple:
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    return ((AUTHORIZATION_KEY, BEARER_PREFIX + token),) if token else ()
 
 
 def reconnect_delays() -> Iterator[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
@@ -20,13 +21,31 @@ class AsyncClient:
     """Like Client, for asyncio code. Use ``async with AsyncClient(...) as client``."""
 
     def __init__(
-        self, address: str | None = None, *, token: str | None = None, timeout: float | None = UNARY_TIMEOUT_S
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = UNARY_TIMEOUT_S,
+        tls: bool | None = None,
+        root_certificates: bytes | str | Path | None = None,
+        client_certificate: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
     ):
         """See Client."""
         self.address = address or os.environ.get("RENDERFARM_ADDRESS") or DEFAULT_ADDRESS
         self._metadata = _wire.metadata(token or os.environ.get("RENDERFARM_TOKEN"))
         self._timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        target, credentials = _wire.channel_target(
+            self.address,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+        )
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self._stub = RenderFarmStub(self._channel)
 
     async def close(self) -> None:
@@ -147,8 +166,9 @@ class AsyncClient:
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))).job)
 
-    async def jobs(self) -> list[JobStatus]:
-        response = await self._call(self._stub.ListJobs, pb.ListJobsRequest())
+    async def jobs(self, owner: str | None = None) -> list[JobStatus]:
+        """See Client.jobs."""
+        response = await self._call(self._stub.ListJobs, pb.ListJobsRequest(owner=owner or ""))
         return [_wire.job_status(j) for j in response.jobs]
 
 

@@ -66,7 +66,33 @@ def _add_farm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
 
 
-def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0):
+def _add_client_options(parser: argparse.ArgumentParser, address_help: str = "HOST:PORT or grpcs://HOST:PORT of the farm") -> None:
+    group = parser.add_argument_group("connection (a token comes from $RENDERFARM_TOKEN)")
+    group.add_argument("--address", help=address_help)
+    group.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the farm's TLS; implies TLS ($RENDERFARM_TLS_CA)")
+    group.add_argument("--tls-client-cert", type=Path, help="client certificate (PEM), for a farm requiring mTLS")
+    group.add_argument("--tls-client-key", type=Path, help="the client certificate's key (PEM)")
+
+
+def _client(args) -> Client:
+    return Client(
+        args.address,
+        root_certificates=args.tls_ca,
+        client_certificate=args.tls_client_cert,
+        client_key=args.tls_client_key,
+    )
+
+
+def _add_serving_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("users and TLS (see the README's Teams)")
+    group.add_argument("--keys-file", type=Path, help="the users' keys file (renderfarm keys add); re-read when it changes")
+    group.add_argument("--tls-cert", type=Path, help="the farm's certificate chain (PEM): serve TLS only")
+    group.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    group.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    group.add_argument("--health-port", type=int, help="also serve gRPC health alone, in plaintext, on this port")
+
+
+def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0, **serving):
     from renderfarm.cluster.config import ConfigValueError, FarmConfig, PoolConfig
 
     def pool(name: str) -> PoolConfig:
@@ -87,6 +113,23 @@ def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0
         denoisers=pool("denoisers"),
         decoders=pool("decoders"),
         upscalers=pool("upscalers"),
+        **serving,
+    )
+
+
+def _up_config(args):
+    from renderfarm.cluster.config import AuthConfig
+
+    return farm_config(
+        args,
+        args.state_dir or _data_home() / "state",
+        host=args.host,
+        port=args.port,
+        auth=AuthConfig(keys_file=args.keys_file),
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_client_ca_file=args.tls_client_ca,
+        health_port=args.health_port,
     )
 
 
@@ -97,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run a scheduler and a local Ray instance in the foreground")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
+    _add_serving_options(up)
     _add_farm_options(up)
 
     serve = commands.add_parser("serve", help="run a scheduler configured by a farm.toml (e.g. joining a Ray cluster)")
@@ -116,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--scheduler", type=parse_names, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m (default: the model's)")
     sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"builtin:NAME, a diffusers directory or a HF repo id (default {DEFAULT_MODEL})")
     sweep.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
-    sweep.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    _add_client_options(sweep, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
     sweep.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
     chained = sweep.add_argument_group("upscale each image 4x in the farm (its prompt, negative prompt and seed)")
     chained.add_argument("--upscale", type=int, help="4: the results are the 4x images (default: no upscale)")
@@ -133,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--out", type=Path, required=True, help="directory for the PNG and manifest.jsonl")
     decode.add_argument("--tile", type=int, help="tile core side in pixels (default 512)")
     decode.add_argument("--overlap", type=int, help="halo around each tile in pixels (default: exact)")
-    decode.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    _add_client_options(decode, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
     decode.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
     _add_farm_options(decode)
 
@@ -148,18 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--seed", type=int, default=0)
     upscale.add_argument("--model", default=DEFAULT_UPSCALER, help=f"an x4 upscaler (default {DEFAULT_UPSCALER})")
     upscale.add_argument("--tile", type=int, help="UNet tile side in input pixels (default 128)")
-    upscale.add_argument("--address", help="HOST:PORT of a running farm; without it a farm runs for this command")
+    _add_client_options(upscale, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
     upscale.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
     _add_farm_options(upscale)
 
-    jobs = commands.add_parser("jobs", help="list the farm's jobs")
-    jobs.add_argument("--address")
+    jobs = commands.add_parser("jobs", help="list the farm's jobs (a member's own; an admin's: everyone's)")
+    jobs.add_argument("--owner", help="only this user's jobs (admins)")
+    _add_client_options(jobs)
     for name, text in (("status", "show a job"), ("cancel", "cancel a job"), ("watch", "follow a job to its end")):
         command = commands.add_parser(name, help=text)
         command.add_argument("job_id")
-        command.add_argument("--address")
+        _add_client_options(command)
         if name == "watch":
             command.add_argument("--out", type=Path, help="also save the job's results here")
+
+    keys = commands.add_parser("keys", help="the users of a keys file (their tokens, roles, shares and quotas)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_commands.add_parser("add", help="add a user; prints their new token, once")
+    add.add_argument("name")
+    add.add_argument("--role", choices=("member", "admin"), default="member", help="admins see every job (default member)")
+    add.add_argument("--weight", type=float, default=1.0, help="their share against other users' (default 1)")
+    add.add_argument("--max-concurrent-jobs", type=int, help="quota: jobs queued or running at once")
+    add.add_argument("--max-images-per-day", type=int, help="quota: images submitted in any 24 h")
+    remove = keys_commands.add_parser("remove", help="remove a user; their token stops working")
+    remove.add_argument("name")
+    listing = keys_commands.add_parser("list", help="the users, without their tokens")
+    for command in (add, remove, listing):
+        command.add_argument("--keys-file", type=Path, required=True, help="the keys file (TOML), created mode 0600")
 
     models = commands.add_parser("models", help="model references")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -216,7 +275,7 @@ def _on_farm(args, submit: Callable[[Client], Job]) -> int:
         return 0 if status.state == JobState.SUCCEEDED else 1
 
     if args.address:
-        with Client(args.address) as client:
+        with _client(args) as client:
             return run(client)
     import tempfile
 
@@ -322,8 +381,36 @@ def _serve(config) -> int:
     return 0
 
 
+def _keys(args) -> int:
+    from renderfarm.cluster import keys
+
+    if args.keys_command == "add":
+        token = keys.add_user(
+            args.keys_file,
+            args.name,
+            role=args.role,
+            weight=args.weight,
+            max_concurrent_jobs=args.max_concurrent_jobs,
+            max_images_per_day=args.max_images_per_day,
+        )
+        print(f"added {args.role} {args.name} to {args.keys_file}; their token (shown this once):", file=sys.stderr)
+        print(token)
+    elif args.keys_command == "remove":
+        keys.remove_user(args.keys_file, args.name)
+        print(f"removed {args.name} from {args.keys_file}", file=sys.stderr)
+    else:
+        for user in keys.load_users(args.keys_file):
+            quotas = [f"{name} {value}" for name in ("max_concurrent_jobs", "max_images_per_day")
+                      if (value := getattr(user, name)) is not None]  # fmt: skip
+            print("  ".join([f"{user.name:<16}", f"{user.role:<6}", f"weight {user.weight:g}", *quotas]))
+    return 0
+
+
 def _print_status(status) -> None:
-    line = f"{status.id}  {status.state.value:<9}  {status.completed}/{status.total}  priority {status.priority}"
+    line = (
+        f"{status.id}  {status.state.value:<9}  {status.completed}/{status.total}  "
+        f"owner {status.owner or '-'}  priority {status.priority}"
+    )
     print(line + (f"  {status.error}" if status.error else ""))
 
 
@@ -331,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "up":
-            return _serve(farm_config(args, args.state_dir or _data_home() / "state", host=args.host, port=args.port))
+            return _serve(_up_config(args))
         if args.command == "serve":
             from renderfarm.cluster.config_file import load_config
 
@@ -342,14 +429,16 @@ def main(argv: list[str] | None = None) -> int:
             return _decode(args)
         if args.command == "upscale":
             return _upscale(args)
+        if args.command == "keys":
+            return _keys(args)
         if args.command == "models":
             from renderfarm.actors.models import resolve_model
 
             print(resolve_model(args.ref, args.model_cache_dir))
             return 0
-        with Client(args.address) as client:
+        with _client(args) as client:
             if args.command == "jobs":
-                for status in client.jobs():
+                for status in client.jobs(owner=args.owner):
                     _print_status(status)
             elif args.command == "status":
                 _print_status(client.job(args.job_id).status())

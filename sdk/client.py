@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -23,19 +24,42 @@ from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
 
 
 class Client:
-    """A connection to a farm. ``address`` defaults to $RENDERFARM_ADDRESS, then localhost:50051."""
+    """A connection to a farm. ``address`` defaults to $RENDERFARM_ADDRESS, then localhost:50051;
+    ``grpcs://HOST:PORT`` (or ``tls=True``) connects over TLS. ``token`` defaults to $RENDERFARM_TOKEN."""
 
     def __init__(
-        self, address: str | None = None, *, token: str | None = None, timeout: float | None = UNARY_TIMEOUT_S
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = UNARY_TIMEOUT_S,
+        tls: bool | None = None,
+        root_certificates: bytes | str | Path | None = None,
+        client_certificate: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
     ):
         """`timeout`: seconds each unary call (submit, status, cancel, list) may take; None waits forever.
-
         Event streams have no deadline; keepalive pings find a dead connection instead.
+
+        TLS: `root_certificates` is the CA that signed the farm's certificate (PEM bytes or a path;
+        default $RENDERFARM_TLS_CA, else the system's roots; giving one implies TLS);
+        `client_certificate` and `client_key` (default $RENDERFARM_TLS_CERT and $RENDERFARM_TLS_KEY)
+        answer a farm that requires client certificates.
         """
         self.address = address or os.environ.get("RENDERFARM_ADDRESS") or DEFAULT_ADDRESS
         self._metadata = _wire.metadata(token or os.environ.get("RENDERFARM_TOKEN"))
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        target, credentials = _wire.channel_target(
+            self.address,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+        )
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self._stub = RenderFarmStub(self._channel)
 
     def close(self) -> None:
@@ -166,8 +190,11 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(self, self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
 
-    def jobs(self) -> list[JobStatus]:
-        return [_wire.job_status(j) for j in self._call(self._stub.ListJobs, pb.ListJobsRequest()).jobs]
+    def jobs(self, owner: str | None = None) -> list[JobStatus]:
+        """The jobs the caller may see (a member: their own; an admin: everyone's), or only `owner`'s.
+        A member naming another user raises PermissionDeniedError."""
+        request = pb.ListJobsRequest(owner=owner or "")
+        return [_wire.job_status(j) for j in self._call(self._stub.ListJobs, request).jobs]
 
 
 class Job:

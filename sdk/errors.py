@@ -18,12 +18,21 @@ class InvalidJobError(RenderfarmError, ValueError):
         self.field = field
 
 
+class AuthenticationError(RenderfarmError):
+    """The farm does not know the call's token, or it carried none (UNAUTHENTICATED): set RENDERFARM_TOKEN."""
+
+
+class PermissionDeniedError(RenderfarmError):
+    """The caller is known but may not do this, e.g. a member listing another user's jobs (PERMISSION_DENIED)."""
+
+
 class CapacityError(RenderfarmError):
-    """The farm is at a limit (RESOURCE_EXHAUSTED); retry later or ask for less."""
+    """The farm is at a limit, or the caller at a quota (RESOURCE_EXHAUSTED); the message names which and when
+    it frees up. Retry later or ask for less."""
 
 
 class JobNotFoundError(RenderfarmError, KeyError):
-    """No job has that id (NOT_FOUND)."""
+    """No job has that id, or none the caller may see: another user's job is not found either (NOT_FOUND)."""
 
     def __str__(self) -> str:
         return str(self.args[0])

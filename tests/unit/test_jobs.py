@@ -33,7 +33,7 @@ def record(store: JobStore, job, *specs) -> list:
 
 def test_a_result_recorded_twice_counts_once(tmp_path):
     store = JobStore(tmp_path)
-    job = store.create(REQUEST, total=2)
+    job = store.create(REQUEST, total=2, owner="alice")
     assert len(record(store, job, spec(0))) == 1
     assert record(store, job, spec(0)) == []
     assert job.is_done(spec(0)) and not job.is_done(spec(1))
@@ -43,7 +43,10 @@ def test_a_result_recorded_twice_counts_once(tmp_path):
 
 def test_results_of_many_jobs_are_committed_together_with_one_progress_event_per_job(tmp_path):
     store = JobStore(tmp_path)
-    first, second = store.create(REQUEST, total=3), store.create(pb.SubmitJobRequest(sweep=REQUEST.sweep), total=1)
+    first, second = (
+        store.create(REQUEST, total=3, owner="alice"),
+        store.create(pb.SubmitJobRequest(sweep=REQUEST.sweep), total=1, owner="alice"),
+    )
     new = store.add_results([(first, spec(0), spec(0).file_name), (second, spec(0), spec(0).file_name),
                              (first, spec(1), spec(1).file_name), (first, spec(1), spec(1).file_name)])  # fmt: skip
     assert [(job.id, s) for job, s, _ in new] == [(first.id, spec(0)), (second.id, spec(0)), (first.id, spec(1))]
@@ -54,7 +57,7 @@ def test_results_of_many_jobs_are_committed_together_with_one_progress_event_per
 
 
 def test_a_job_changes_state_through_one_door_and_a_finished_state_is_final(tmp_path):
-    job = JobStore(tmp_path).create(REQUEST, total=1)
+    job = JobStore(tmp_path).create(REQUEST, total=1, owner="alice")
     assert job.state == JobState.QUEUED
     job.change_state(JobState.RUNNING)
     with pytest.raises(ValueError, match="cannot go from running to queued"):
@@ -68,7 +71,7 @@ def test_a_job_changes_state_through_one_door_and_a_finished_state_is_final(tmp_
 
 def test_failed_attempts_survive_a_restart(tmp_path):
     store = JobStore(tmp_path)
-    job = store.create(REQUEST, total=2)
+    job = store.create(REQUEST, total=2, owner="alice")
     assert [job.count_failure(spec(0)) for _ in range(3)] == [1, 2, 3]
     store.close()
     found = JobStore(tmp_path).get(job.id)
@@ -78,7 +81,7 @@ def test_failed_attempts_survive_a_restart(tmp_path):
 
 def test_a_new_store_on_the_same_dir_finds_jobs_results_and_events(tmp_path):
     store = JobStore(tmp_path)
-    job = store.create(REQUEST, total=2)
+    job = store.create(REQUEST, total=2, owner="alice")
     job.change_state(JobState.RUNNING)
     record(store, job, spec(0))
     job.request_cancel()
@@ -88,7 +91,7 @@ def test_a_new_store_on_the_same_dir_finds_jobs_results_and_events(tmp_path):
     (found,) = reopened.unfinished()
     assert (found.id, found.state, found.completed, found.total) == (job.id, JobState.RUNNING, 1, 2)
     assert found.cancel_requested and found.is_done(spec(0))
-    assert found.request() == REQUEST and reopened.by_request_id("r-1") is found
+    assert found.request() == REQUEST and reopened.by_request_id("alice", "r-1") is found
     record(reopened, found, spec(1))
     found.change_state(JobState.SUCCEEDED)
 
@@ -101,13 +104,13 @@ def test_a_new_store_on_the_same_dir_finds_jobs_results_and_events(tmp_path):
 
 def test_status_summaries_leave_out_the_inputs(tmp_path):
     request = pb.SubmitJobRequest(upscale=pb.UpscaleSpec(model="m", images=[b"x" * 1000]))
-    job = JobStore(tmp_path).create(request, total=1)
+    job = JobStore(tmp_path).create(request, total=1, owner="alice")
     assert not job.to_pb().upscale.images and job.request() == request
 
 
 def test_a_stopping_store_ends_streams_of_unfinished_jobs(tmp_path):
     store = JobStore(tmp_path)
-    job = store.create(REQUEST, total=1)
+    job = store.create(REQUEST, total=1, owner="alice")
     store.stop_following()
     log = events(store, job.id)
     assert log[-1] is None and log[0].state == pb.JOB_STATE_QUEUED
@@ -120,7 +123,7 @@ def test_a_sweep_image_upscaled_in_the_farm_finishes_its_sweep_item(tmp_path):
                                 negative_prompt="", noise_level=20, steps=2, guidance_scale=9.0, seed=0,
                                 width=256, height=256, tile=128, source=spec(0))  # fmt: skip
     store = JobStore(tmp_path)
-    job = store.create(REQUEST, total=2)
+    job = store.create(REQUEST, total=2, owner="alice")
     record(store, job, chained)
     assert job.is_done(spec(0)) and not job.is_done(spec(1))
     assert list(job.results()) == [(chained.file_name, chained)]
@@ -133,7 +136,7 @@ class Unrecordable(ImageSpec):
 
 def test_a_failed_commit_records_nothing_and_the_same_results_record_later(tmp_path):
     store = JobStore(tmp_path)
-    job = store.create(REQUEST, total=3)
+    job = store.create(REQUEST, total=3, owner="alice")
     broken = Unrecordable(**vars(spec(2)))
     with pytest.raises(RuntimeError, match="disk full"):
         store.add_results([(job, spec(0), spec(0).file_name), (job, broken, "broken.png")])

@@ -163,7 +163,7 @@ class UpscaledImageSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., noise_level: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile: _Optional[int] = ..., source: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "priority")
+    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "priority", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class Job(_message.Message):
     DECODE_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     total: int
@@ -184,7 +185,8 @@ class Job(_message.Message):
     decode: DecodeSpec
     upscale: UpscaleSpec
     priority: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., priority: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("request_id", "sweep", "decode", "upscale", "priority")
@@ -219,8 +221,10 @@ class GetJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("owner",)
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    def __init__(self, owner: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class RenderFarmStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries `authorization: Bearer TOKEN` unless the farm is open; a member sees only
+    their own jobs (another user's job id is NOT_FOUND, as an unknown one), an admin sees all.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,7 +64,9 @@ class RenderFarmStub:
 
 
 class RenderFarmServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries `authorization: Bearer TOKEN` unless the farm is open; a member sees only
+    their own jobs (another user's job id is NOT_FOUND, as an unknown one), an admin sees all.
+    """
 
     def SubmitJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -133,7 +137,9 @@ def add_RenderFarmServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RenderFarm:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries `authorization: Bearer TOKEN` unless the farm is open; a member sees only
+    their own jobs (another user's job id is NOT_FOUND, as an unknown one), an admin sees all.
+    """
 
     @staticmethod
     def SubmitJob(request,
