@@ -27,6 +27,9 @@ from renderfarm.v1 import farm_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# An open farm on these is reachable from this machine only (the embedded farm's case).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 class RenderFarmService:
     """The RenderFarm methods; rpc.service_handler calls each with the authenticated caller."""
@@ -167,8 +170,8 @@ class Farm:
         # Before anything starts: a broken keys file or unreadable certificate is the operator's to fix.
         users = Users(self.config.auth.keys_file, self._token)
         credentials = server_credentials(self.config)
-        if users.open:
-            log.warning("no keys file and no RENDERFARM_TOKEN: the API is open to whoever reaches its port")
+        if users.open and self.config.host not in LOOPBACK_HOSTS:
+            log.warning("no keys file and no RENDERFARM_TOKEN: the API is open to whoever reaches %s", self.config.host)
         self.connect_ray()
         store = LocalResultStore(self.config.output_dir)
         self._jobs = JobStore(self.config.state_dir)
