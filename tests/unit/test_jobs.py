@@ -149,3 +149,84 @@ def test_a_failed_commit_records_nothing_and_the_same_results_record_later(tmp_p
     log = events(store, job.id)[:-1]
     assert [e.seq for e in log] == list(range(1, len(log) + 1))
     assert [e.result.name for e in log if e.HasField("result")] == [spec(0).file_name, spec(1).file_name]
+
+
+def test_request_ids_are_each_owners_own(tmp_path):
+    import sqlite3
+
+    store = JobStore(tmp_path)
+    alice, bob = store.create(REQUEST, total=1, owner="alice"), store.create(REQUEST, total=1, owner="bob")
+    assert alice.id != bob.id
+    assert (store.by_request_id("alice", "r-1"), store.by_request_id("bob", "r-1")) == (alice, bob)
+    assert store.by_request_id("carol", "r-1") is None
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        store.create(REQUEST, total=1, owner="alice")
+    assert JobStore(tmp_path).by_request_id("bob", "r-1").id == bob.id
+
+
+# The jobs table as written before jobs had owners: request ids were the farm's, not each user's.
+OLD_JOBS_TABLE = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    request_id TEXT UNIQUE,
+    request BLOB NOT NULL,
+    state TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    completed INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    cancel_requested INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+CREATE TABLE results (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE attempts (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    item TEXT NOT NULL,
+    failures INTEGER NOT NULL,
+    PRIMARY KEY (job_id, item)
+);
+CREATE TABLE events (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    seq INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+def test_a_store_from_before_owners_keeps_its_jobs_owned_by_no_one(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    old.executescript(OLD_JOBS_TABLE)
+    result = pb.ImageResult(spec=pb.ImageSpec(**vars(spec(0))), name=spec(0).file_name)
+    with old:
+        old.execute("INSERT INTO jobs VALUES ('old', 'r-1', ?, 'running', 2, 1, '', 1700000000.0, 0, 2)",
+                    (REQUEST.SerializeToString(),))  # fmt: skip
+        old.execute("INSERT INTO results VALUES ('old', ?, ?, ?)", (result.name, spec(0).to_json(), result.name))
+        for seq, kind in ((1, {"state": pb.JOB_STATE_QUEUED}), (2, {"result": result})):
+            event = pb.JobEvent(seq=seq, job_id="old", **kind).SerializeToString()
+            old.execute("INSERT INTO events VALUES ('old', ?, ?)", (seq, event))
+    old.close()
+
+    store = JobStore(tmp_path)
+    job = store.get("old")
+    assert (job.owner, job.state, job.completed, job.request()) == ("", JobState.RUNNING, 1, REQUEST)
+    assert store.by_request_id("", "r-1") is job and list(job.results()) == [(spec(0).file_name, spec(0))]
+    # The same request id is another owner's own; the old job goes on where it was.
+    new = store.create(REQUEST, total=1, owner="alice")
+    record(store, job, spec(1))
+    job.change_state(JobState.SUCCEEDED)
+    log = events(store, "old")
+    assert [e.seq for e in log] == [1, 2, 3, 4, 5] and log[1].result == result
+    store.close()
+
+    reopened = JobStore(tmp_path)
+    assert [(j.id, j.owner) for j in reopened.all()] == [("old", ""), (new.id, "alice")]
+    assert [name for name, _ in reopened.get("old").results()] == [spec(0).file_name, spec(1).file_name]
