@@ -3,6 +3,7 @@ refused (RESOURCE_EXHAUSTED) with a message naming the limit and when it frees u
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,14 +26,14 @@ def refusal(limits: LimitsConfig, user: User, jobs: JobStore, images: int, now: 
     unfinished = jobs.unfinished()
     if len(unfinished) >= limits.max_concurrent_jobs:
         return Refusal("max_concurrent_jobs", (
-            f"{len(unfinished)} jobs are queued or running, the farm's limit "
+            f"{_jobs(len(unfinished))} {'is' if len(unfinished) == 1 else 'are'} queued or running, the farm's limit "
             f"(max_concurrent_jobs = {limits.max_concurrent_jobs}); submit again when one ends"
         ))  # fmt: skip
     if user.max_concurrent_jobs is not None:
         own = sum(job.owner == user.name for job in unfinished)
         if own >= user.max_concurrent_jobs:
             return Refusal("max_concurrent_jobs", (
-                f"{user.name} has {own} jobs queued or running, their quota "
+                f"{user.name} has {_jobs(own)} queued or running, their quota "
                 f"(max_concurrent_jobs = {user.max_concurrent_jobs}); one frees up when one of them ends"
             ))  # fmt: skip
     if user.max_images_per_day is not None:
@@ -56,7 +57,8 @@ def _daily(user: User, jobs: JobStore, images: int, now: float) -> Refusal | Non
     for created_at, total in recent:
         left -= total
         if left + images <= quota:
-            frees_at = created_at + DAY_S
+            # Rounded up to the second shown, so that a job sent at the time the message names fits.
+            frees_at = math.ceil(created_at + DAY_S)
             break
     wait = frees_at - now
     return Refusal("max_images_per_day", (
@@ -64,3 +66,7 @@ def _daily(user: User, jobs: JobStore, images: int, now: float) -> Refusal | Non
         f"(max_images_per_day = {quota}). Room for them frees up at "
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(frees_at))}, in {wait // 3600:.0f} h {wait % 3600 // 60:.0f} min"
     ))  # fmt: skip
+
+
+def _jobs(count: int) -> str:
+    return f"{count} job" if count == 1 else f"{count} jobs"

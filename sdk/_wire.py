@@ -283,6 +283,10 @@ def is_transient(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE
 
 
+# gRPC's own target names (dns:///host:port, unix:///path, ...) go to gRPC as they are.
+GRPC_NAME_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
+
+
 def channel_target(
     address: str, *, tls: bool | None, root_certificates, client_certificate, client_key
 ) -> tuple[str, grpc.ChannelCredentials | None]:
@@ -294,7 +298,7 @@ def channel_target(
     $RENDERFARM_TLS_KEY) answer a farm that requires them (mTLS).
     """
     scheme, separator, target = address.partition("://")
-    if not separator:
+    if not separator or scheme in GRPC_NAME_SCHEMES:
         scheme, target = None, address
     elif scheme not in ("grpc", "grpcs"):
         raise ValueError(f"address {address!r}: the scheme must be grpcs:// (TLS) or grpc:// (plaintext)")

@@ -320,7 +320,7 @@ def test_a_job_over_max_concurrent_jobs_is_resource_exhausted_until_one_ends(sma
     with pytest.raises(grpc.RpcError) as raised:
         small_stub.SubmitJob(sweep())
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "1 jobs are queued or running, the farm's limit (max_concurrent_jobs = 1)" in raised.value.details()
+    assert "1 job is queued or running, the farm's limit (max_concurrent_jobs = 1)" in raised.value.details()
     assert job_ids(small_stub) == jobs_before
     # Resubmitting the running job is not a new job, so the limit does not refuse it.
     assert small_stub.SubmitJob(long_job).job.id == running.id

@@ -8,6 +8,7 @@ import pytest
 
 from renderfarm.cluster.config import FarmConfig, LimitsConfig, PoolConfig, RetryConfig
 from renderfarm.cluster.config_file import ConfigError, load_config
+from renderfarm.cluster.keys import load_users, token_sha256
 
 REQUIRED = """
 output_dir = "/srv/renderfarm/output"
@@ -129,12 +130,23 @@ def test_invalid_toml_names_the_file(tmp_path):
         load_config(write(tmp_path, REQUIRED + "[denoisers\n"))
 
 
-def test_the_readmes_example_loads(tmp_path):
+def readme_toml(containing: str) -> str:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    (example,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL)
-    config = load_config(write(tmp_path, example))
+    (example,) = [block for block in re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL) if containing in block]
+    return example
+
+
+def test_the_readmes_example_loads(tmp_path):
+    config = load_config(write(tmp_path, readme_toml("output_dir")))
     assert config.denoisers == PoolConfig(replicas=4, num_gpus=0.5, num_cpus=1.0)
     assert config.ray_address == "farm-renderfarm-ray-head-svc:6379"
+    assert config.auth.keys_file == Path("/etc/renderfarm/keys.toml") and config.health_port == 50052
+
+
+def test_the_readmes_keys_file_entry_loads(tmp_path):
+    (user,) = load_users(write(tmp_path, readme_toml("[[users]]")))
+    assert (user.name, user.role, user.weight, user.max_concurrent_jobs) == ("alice", "member", 3.0, 4)
+    assert user.token_sha256 == token_sha256("rf_example-token")
 
 
 @pytest.mark.parametrize(

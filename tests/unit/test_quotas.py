@@ -1,5 +1,6 @@
 """Admission: the farm's job limit and each user's quotas, and refusals that say when to come back."""
 
+import math
 import time
 from datetime import datetime, timezone
 
@@ -44,7 +45,7 @@ def test_a_users_job_quota_counts_only_their_own_unfinished_jobs(store):
     job = submit(store, "alice")
     refused = refusal(LIMITS, alice, store, 1, time.time())
     assert refused.limit == "max_concurrent_jobs"
-    assert "alice has 1 jobs queued or running, their quota (max_concurrent_jobs = 1)" in refused.message
+    assert "alice has 1 job queued or running, their quota (max_concurrent_jobs = 1)" in refused.message
     assert refusal(LIMITS, bob, store, 1, time.time()) is None
     assert refusal(LIMITS, user("carol"), store, 1, time.time()) is None  # no quota
     job.change_state(JobState.CANCELLED)
@@ -73,7 +74,7 @@ def test_a_refusal_says_when_enough_of_the_oldest_jobs_leave_the_window(store):
     # 9 used; 6 more fit once the two oldest (7 images) have left, not just the oldest (4).
     now = second.created_at + (5 * 60 + 29.5) * 60
     refused = refusal(LIMITS, alice, store, 6, now)
-    frees_at = datetime.fromtimestamp(second.created_at + DAY_S, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    frees_at = datetime.fromtimestamp(math.ceil(second.created_at + DAY_S), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     assert refused.limit == "max_images_per_day"
     assert refused.message == (
         "alice submitted 9 images in the last 24 h; 6 more would pass their quota (max_images_per_day = 10). "
