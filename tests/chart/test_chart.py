@@ -6,6 +6,7 @@ loader into exactly the pools it sets; and the security properties hold for each
 
 import copy
 import re
+import sys
 from pathlib import Path
 
 import helm_python as helm
@@ -15,6 +16,11 @@ import pytest
 import yaml
 
 from renderfarm.cluster.config_file import load_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "renderfarm"
@@ -63,11 +69,18 @@ VALUE_SETS = {
     "secrets": {
         "secrets": {
             "apiToken": {"existingSecret": "farm-api"},
-            "objectStore": {"existingSecret": "farm-s3", "endpointUrl": "http://minio.storage:9000"},
+            "objectStore": {"existingSecret": "farm-s3"},
             "huggingface": {"existingSecret": "farm-hf"},
             "rayAuth": {"existingSecret": "farm-ray"},
         },
+        # An endpoint without a bucket: s3:// models, results on the volume.
+        "storage": {"s3": {"endpoint": "http://minio.storage:9000"}},
         "persistence": {"output": {"existingClaim": "renders"}, "modelCache": {"enabled": True}},
+    },
+    "s3-results": {
+        "storage": {"s3": {"bucket": "renders", "prefix": "team-a", "endpoint": "http://minio.storage:9000"}},
+        "secrets": {"objectStore": {"existingSecret": "farm-s3"}},
+        "ray": {"workerGroups": [{**WORKER, "name": "a100", "gpus": 2}, {**WORKER, "name": "l4"}]},
     },
     "monitoring": {
         "serviceMonitor": {
@@ -132,11 +145,15 @@ def env(container: dict) -> dict[str, dict]:
     return {variable["name"]: variable for variable in container.get("env", [])}
 
 
+def farm_toml(manifests: list[dict]) -> str:
+    return one(manifests, "ConfigMap")["data"]["farm.toml"]
+
+
 def farm_config(manifests: list[dict], tmp_path: Path):
     """The rendered farm.toml, as renderfarm's own loader reads it."""
-    farm_toml = tmp_path / "farm.toml"
-    farm_toml.write_text(one(manifests, "ConfigMap")["data"]["farm.toml"])
-    return load_config(farm_toml)
+    path = tmp_path / "farm.toml"
+    path.write_text(farm_toml(manifests))
+    return load_config(path)
 
 
 # Rendering, lint and schemas
@@ -225,19 +242,25 @@ def test_the_scheduler_mounts_what_farm_toml_names(rendered, tmp_path):
     mounts = {mount["name"]: Path(mount["mountPath"]) for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
 
-    assert (mounts["state"], mounts["output"], mounts["model-cache"]) == (
+    assert (mounts["state"], mounts.get("output"), mounts["model-cache"]) == (
         config.state_dir, config.output_dir, config.model_cache_dir)  # fmt: skip
     assert f"renderfarm serve --config {mounts['config'] / 'farm.toml'}" in container["command"][-1]
     assert volumes["config"]["configMap"]["name"] == one(manifests, "ConfigMap")["metadata"]["name"]
     claims = {m["metadata"]["name"] for m in manifests if m["kind"] == "PersistentVolumeClaim"}
-    for name in ("state", "output"):
+    for name in ("state", "output") if config.output_dir else ("state",):
         claim = volumes[name]["persistentVolumeClaim"]["claimName"]
         assert claim in claims or claim == values["persistence"][name]["existingClaim"]
     assert port_of(container, "grpc") == values["scheduler"]["port"] == config.port
 
 
 @pytest.mark.parametrize(
-    "farm", [{"state_dir": "/data"}, {"auth": {"keys_file": "/keys.toml"}}, {"tls_cert_file": "/cert.pem"}]
+    "farm",
+    [
+        {"state_dir": "/data"},
+        {"output": "s3://renders"},
+        {"auth": {"keys_file": "/keys.toml"}},
+        {"tls_cert_file": "/cert.pem"},
+    ],
 )
 def test_the_chart_refuses_farm_keys_it_sets_itself(chart, farm):
     (key,) = farm
@@ -273,6 +296,72 @@ def test_the_scheduler_mounts_the_keys_file_and_tls_from_their_secrets(chart, tm
 def test_a_client_ca_without_tls_is_refused(chart):
     with pytest.raises(helm.HelmRenderError, match="secrets.tls.clientCa needs secrets.tls.existingSecret"):
         render(chart, {"secrets": {"tls": {"clientCa": {"existingSecret": "farm-ca"}}}})
+
+
+def test_s3_results_farm_toml_names_the_bucket_not_a_directory(chart, tmp_path):
+    config = farm_config(render(chart, VALUE_SETS["s3-results"]), tmp_path)
+    assert config.output == "s3://renders/team-a" and config.output_dir is None
+
+
+@pytest.mark.parametrize(
+    "prefix, output",
+    [
+        ("team-a", "s3://renders/team-a"),
+        ("/team-a/", "s3://renders/team-a"),
+        ("a/b/", "s3://renders/a/b"),
+        ("", "s3://renders"),
+        ("/", "s3://renders"),
+    ],
+)
+def test_the_s3_prefix_loses_its_edge_slashes(chart, prefix, output):
+    manifests = render(chart, {"storage": {"s3": {"bucket": "renders", "prefix": prefix}}})
+    written = tomllib.loads(farm_toml(manifests))
+    assert written["output"] == output and "output_dir" not in written
+
+
+def test_s3_results_need_no_output_volume(chart):
+    manifests = render(chart, VALUE_SETS["s3-results"])
+    claims = [m["metadata"]["name"] for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    assert claims == ["farm-renderfarm-state"]
+    for role, template in pod_templates(manifests).items():
+        pod = template["spec"]
+        assert "output" not in {volume["name"] for volume in pod["volumes"]}, role
+        for container in pod["containers"]:
+            assert "output" not in {mount["name"] for mount in container["volumeMounts"]}, role
+
+
+def test_the_s3_endpoint_and_credentials_reach_the_scheduler_and_every_worker(chart):
+    pods = pod_templates(render(chart, VALUE_SETS["s3-results"]))
+    writers = {role: t for role, t in pods.items() if role == "scheduler" or role.startswith("ray-worker/")}
+    assert len(writers) == 3
+    for role, template in writers.items():
+        for container in template["spec"]["containers"]:
+            variables = env(container)
+            assert variables["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000", role
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert variables[name]["valueFrom"]["secretKeyRef"] == {"name": "farm-s3", "key": name}, role
+
+
+def test_the_old_object_store_endpoint_is_refused(chart):
+    values = {"secrets": {"objectStore": {"endpointUrl": "http://minio.storage:9000"}}}
+    with pytest.raises(helm.HelmRenderError, match="secrets.objectStore.endpointUrl moved to storage.s3.endpoint"):
+        render(chart, values)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"storage": {"s3": {"bucket": "s3://renders"}}}, "is not a bucket name"),
+        ({"storage": {"s3": {"bucket": "renders/team-a"}}}, "is not a bucket name"),
+        (
+            {"storage": {"s3": {"bucket": "renders"}}, "persistence": {"output": {"existingClaim": "renders"}}},
+            "results go to the bucket or to the volume, not both",
+        ),
+    ],
+)
+def test_contradictory_s3_results_are_refused(chart, values, message):
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, values)
 
 
 def test_a_worker_group_without_a_gpu_is_refused(chart):

@@ -49,6 +49,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "renderfarm.outputDir" -}}/var/lib/renderfarm/output{{- end }}
 {{- define "renderfarm.modelCacheDir" -}}/var/cache/renderfarm/models{{- end }}
 
+{{/* farm.toml's `output` with storage.s3.bucket: s3://BUCKET, or s3://BUCKET/PREFIX without edge slashes. */}}
+{{- define "renderfarm.s3Output" -}}
+{{- with .Values.storage.s3 }}
+{{- printf "s3://%s" .bucket }}
+{{- with trimAll "/" .prefix }}/{{ . }}{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* The Secrets' mounts sit outside configDir: its read-only ConfigMap mount leaves no room for mount points. */}}
 {{- define "renderfarm.keysDir" -}}/var/run/secrets/renderfarm/keys{{- end }}
 {{- define "renderfarm.tlsDir" -}}/var/run/secrets/renderfarm/tls{{- end }}
@@ -105,7 +113,7 @@ seccompProfile:
 
 {{/*
 Environment of the scheduler and the Ray workers: a writable HOME, the model cache as
-Hugging Face's cache, and the referenced Secrets.
+Hugging Face's cache, the S3 endpoint, and the referenced Secrets.
 */}}
 {{- define "renderfarm.env" -}}
 - name: HOME
@@ -125,10 +133,10 @@ Hugging Face's cache, and the referenced Secrets.
       name: {{ .existingSecret }}
       key: {{ .secretAccessKeyKey }}
 {{- end }}
-{{- if .endpointUrl }}
-- name: AWS_ENDPOINT_URL
-  value: {{ .endpointUrl | quote }}
 {{- end }}
+{{- with .Values.storage.s3.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
 {{- end }}
 {{- with .Values.secrets.huggingface }}
 {{- if .existingSecret }}
