@@ -10,6 +10,7 @@ import hashlib
 import json
 import resource
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,15 @@ import numpy as np
 import ray
 import torch
 
-from renderfarm.actors import exchange, tiled_decode, txt2img, upscale_x4
+from renderfarm.actors import exchange, s3, tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.models import resolve_model, silence_progress_bars
+from renderfarm.actors.s3 import S3Target
 from renderfarm.actors.tiles import Tile
 from renderfarm.cluster.constants import MODELS_PER_REPLICA
 from renderfarm.spec import ImageSpec, encode_png
+
+# Uploads of a batch's PNGs to an object store, a few at once.
+_uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload")
 
 
 def pick_device() -> tuple[str, torch.dtype]:
@@ -110,14 +115,20 @@ class DecoderStage(_Stage):
         vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=self._dtype).to(self._device).eval()
         return vae, tiled_decode.segments(vae)
 
-    def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> list[bytes]:
+    def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec], target: S3Target | None = None,
+               keys: list[str] | None = None) -> list:  # fmt: skip
         """PNG bytes of the first len(specs) items of `latents` (the rest is a batch's padding), each with its
         spec embedded. The whole batch is decoded at once, at the denoiser's fixed shape for its key, so an
-        image's pixels do not depend on its companions here either."""
+        image's pixels do not depend on its companions here either. With an object store `target`, each PNG
+        is put there under its key instead, and its StoredImage returned."""
         vae, _ = self._components(model)
         self._work_done += len(specs)
         images = txt2img.decode(vae, latents)
-        return [encode_png(image, spec) for image, spec in zip(images, specs)]
+        pngs = [encode_png(image, spec) for image, spec in zip(images, specs)]
+        if target is None:
+            return pngs
+        # The PUTs wait on the network, not the CPU: a batch's go at once.
+        return list(_uploads.map(lambda key, png: s3.put_png(target, key, png), keys, pngs))
 
     def decode_apart(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> tuple:
         """decode()'s PNGs, each an object of its own, then their SHA-256 digests; call with num_returns=len(specs)+1."""
@@ -142,9 +153,11 @@ class DecoderStage(_Stage):
         # States travel through Ray's object store, which holds CPU memory.
         return _on(state, "cpu"), next_sums
 
-    def tiled_assemble(self, tiles: list[Tile], spec, *cores) -> bytes:
+    def tiled_assemble(self, tiles: list[Tile], spec, target: S3Target | None, key: str | None, *cores):
+        """The image's PNG bytes, or with an object store `target`, its StoredImage, put there under `key`."""
         scale = cores[0].shape[0] // (tiles[0].bottom - tiles[0].top)
-        return encode_png(tiled_decode.assemble(tiles, list(cores), scale), spec)
+        png = encode_png(tiled_decode.assemble(tiles, list(cores), scale), spec)
+        return png if target is None else s3.put_png(target, key, png)
 
 
 @dataclass(frozen=True)

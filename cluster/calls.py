@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from renderfarm.actors import stages, tiled_decode
+from renderfarm.actors.s3 import S3Target, StoredImage
 from renderfarm.actors.tiles import plan_tiles
 from renderfarm.actors.txt2img import DenoiseBatch
 from renderfarm.cluster.model_info import ModelInfo
@@ -74,11 +75,22 @@ def denoise(actor, model: str, batch: DenoiseBatch, prompt_embeds: Sequence, neg
     return actor.denoise.remote(model, batch, tuple(distinct[ref] for ref in refs), *distinct)
 
 
-async def decode(actor, model: str, latents, specs: Sequence) -> list[bytes]:
-    """PNGs of the first len(specs) images of `latents`, in order."""
-    pngs = await actor.decode.remote(model, latents, list(specs))
+async def decode(actor, model: str, latents, specs: Sequence, target: S3Target | None = None,
+                 keys: Sequence[str] | None = None) -> list:  # fmt: skip
+    """PNGs of the first len(specs) images of `latents`, in order: their bytes, or with an object store
+    `target`, the StoredImage of each, put there under its key by the replica."""
+    pngs = await actor.decode.remote(model, latents, list(specs), target, None if keys is None else list(keys))
     _expect("decode", pngs, len(specs))
+    for png in pngs:
+        _expect_kind("decode", png, target)
     return pngs
+
+
+def _expect_kind(method: str, png, target: S3Target | None) -> None:
+    """With an object store the scheduler must never receive image bytes; without one it needs them."""
+    expected = bytes if target is None else StoredImage
+    if not isinstance(png, expected):
+        raise StageContractError(f"{method} returned a {type(png).__name__} where a {expected.__name__} was due")
 
 
 async def decode_apart(actor, model: str, latents, specs: Sequence) -> tuple[list, list[str]]:
@@ -90,9 +102,11 @@ async def decode_apart(actor, model: str, latents, specs: Sequence) -> tuple[lis
 
 
 async def tiled_decode_image(
-    next_actor: Callable[[], object], model: str, info: ModelInfo, latents, item: int, spec, core: int, halo: int
-) -> bytes:
-    """One image (item `item` of `latents`) decoded in tiles spread over the VAE replicas `next_actor` hands out."""
+    next_actor: Callable[[], object], model: str, info: ModelInfo, latents, item: int, spec, core: int, halo: int,
+    target: S3Target | None = None, key: str | None = None,
+):  # fmt: skip
+    """One image (item `item` of `latents`) decoded in tiles spread over the VAE replicas `next_actor` hands
+    out: its PNG bytes, or with an object store `target`, its StoredImage under `key`."""
     tiles = plan_tiles(spec.height // info.vae_scale_factor, spec.width // info.vae_scale_factor, core, halo)
 
     async def prepare():
@@ -105,7 +119,9 @@ async def tiled_decode_image(
         return next_actor().tiled_segment.options(num_returns=2).remote(model, index, tiles[number], state, sums)
 
     states = await tiled_decode.drive(info.decode_segments, prepare, segment)
-    return await next_actor().tiled_assemble.remote(tiles, spec, *states)
+    png = await next_actor().tiled_assemble.remote(tiles, spec, target, key, *states)
+    _expect_kind("tiled_assemble", png, target)
+    return png
 
 
 def upscale(actor, model: str, image, spec, embeds: Sequence):

@@ -93,12 +93,18 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class FarmConfig:
-    # Where result PNGs and manifests go: OUTPUT_DIR/<job id>/.
-    output_dir: Path
-    # Where builtin models are materialised.
+    # Where builtin models are materialised, and s3:// models downloaded.
     model_cache_dir: Path
     # The durable job store (SQLite, WAL): jobs, work items, results index, event log.
     state_dir: Path
+    # Where result PNGs and manifests go, one of: a local directory, OUTPUT_DIR/<job id>/ ...
+    output_dir: Path | None = None
+    # ... or a bucket, "s3://BUCKET/PREFIX": PREFIX/<job id>/ objects, put there by the workers.
+    output: str | None = None
+    # How long the presigned URL of an S3 result (what its event carries) stays valid.
+    presign_expiry_s: float = 3600.0
+    # Finished jobs older than this are deleted, results and all; None keeps them.
+    retention_days: float | None = None
     host: str = "127.0.0.1"
     # 0 picks a free port.
     port: int = DEFAULT_PORT
@@ -137,6 +143,13 @@ class FarmConfig:
 
     def __post_init__(self):
         # Its own settings only: each table (pools, limits, retries) checks itself when built.
+        if (self.output_dir is None) == (self.output is None):
+            raise ConfigValueError("output_dir", "or output (s3://BUCKET/PREFIX): give exactly one")
+        if self.output is not None and not (self.output.startswith("s3://") and self.output[5:].split("/")[0]):
+            raise ConfigValueError("output", f"must be s3://BUCKET or s3://BUCKET/PREFIX (got {self.output!r})")
+        _at_least(self, 1, "presign_expiry_s")
+        if self.retention_days is not None:
+            _at_least(self, 0, "retention_days")
         for key in ("port", "health_port"):
             port = getattr(self, key)
             if port is not None and not 0 <= port <= 65535:

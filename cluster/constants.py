@@ -61,3 +61,12 @@ SERVER_OPTIONS = MESSAGE_SIZE_OPTIONS + (
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_S * 1000 // 2),
     ("grpc.keepalive_permit_without_calls", 1),
 )
+
+# An object store's manifest.jsonl (S3 has no append) is rewritten from the results index at most
+# this often while its job runs, and once more when it ends.
+MANIFEST_REWRITE_INTERVAL_S = 5.0
+# How often finished jobs past retention_days are looked for (and once at start).
+RETENTION_CHECK_INTERVAL_S = 3600.0
+
+# max_images_per_day's rolling window; retention_days count in these too.
+DAY_S = 24 * 60 * 60

@@ -25,7 +25,7 @@ from renderfarm.cluster.constants import MODELS_PER_REPLICA, REPLICAS_READY_TIME
 from renderfarm.cluster.executor import ClusterGoneError, Executor, Failure, describe
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.model_info import ModelInfo
-from renderfarm.cluster.results import LocalResultStore
+from renderfarm.cluster.results import ResultStore
 from renderfarm.cluster.scheduler import Batch, Item, Scheduler
 from renderfarm.cluster.sink import ResultSink
 from renderfarm.errors import InvalidJobError
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, config: FarmConfig, jobs: JobStore, store: LocalResultStore,
+    def __init__(self, config: FarmConfig, jobs: JobStore, store: ResultStore,
                  model_info: Callable[[str], ModelInfo]):  # fmt: skip
         self._config = config
         self._jobs = jobs
@@ -43,8 +43,8 @@ class Engine:
         # Upscalers and one-image kinds take one item a call; the denoiser's batch is its fixed shape.
         shapes = {"encoder": 1, "denoiser": config.max_batch, "decoder": 1, "upscaler": 1}
         self._scheduler = Scheduler(shapes, MODELS_PER_REPLICA, config.batch_wait_s)
-        self.executor = Executor(config, self._scheduler)
-        self._sink = ResultSink(jobs, store)
+        self.executor = Executor(config, self._scheduler, store)
+        self.sink = ResultSink(jobs, store)
         self._active: dict[str, JobRecord] = {}
         self._tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -110,9 +110,7 @@ class Engine:
                 job = self._active[job_id]
                 if job.state == JobState.QUEUED:
                     job.change_state(JobState.RUNNING)
-            task = asyncio.create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._run(batch))
         self._arm_timer(loop)
 
     def _arm_timer(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -139,7 +137,7 @@ class Engine:
         self._pump()
 
     async def _record(self, results: list[tuple[Item, object, bytes]]) -> None:
-        await self._sink.record([
+        await self.sink.record([
             (self._active[item.job], spec, png) for item, spec, png in results if item.job in self._active
         ])  # fmt: skip
 
@@ -212,6 +210,13 @@ class Engine:
         self._scheduler.remove(job.id)
         self._active.pop(job.id, None)
         job.change_state(state, error)
+        self._spawn(self.sink.job_ended(job))
+
+    def _spawn(self, coroutine) -> None:
+        """Runs follow-up work that drain() waits for."""
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def _name(item: Item) -> str:

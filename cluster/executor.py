@@ -45,6 +45,7 @@ from renderfarm.cluster.constants import (
 )
 from renderfarm.cluster.kinds.upscale import UpscaleSettings
 from renderfarm.cluster.model_info import model_info
+from renderfarm.cluster.results import ResultStore
 from renderfarm.cluster.scheduler import Batch, Item, Scheduler
 from renderfarm.cluster.stats import STAGES, FarmStats, ReplicaStats, StageStats
 from renderfarm.spec import guided
@@ -57,8 +58,8 @@ ACTOR_CLASSES = {
     "decoder": stages.Decoder,
     "upscaler": stages.Upscaler,
 }
-# Results of a batch, as they finish: (item, the result's spec, PNG bytes).
-Record = Callable[[list[tuple[Item, object, bytes]]], Awaitable[None]]
+# Results of a batch, as they finish: (item, the result's spec, PNG bytes or, in an object store, its StoredImage).
+Record = Callable[[list[tuple[Item, object, object]]], Awaitable[None]]
 
 
 class Failure(enum.Enum):
@@ -105,8 +106,10 @@ class _Pool:
 
 
 class Executor:
-    def __init__(self, config: FarmConfig, scheduler: Scheduler):
+    def __init__(self, config: FarmConfig, scheduler: Scheduler, store: ResultStore):
         self._config = config
+        # With an object store, decoders put each PNG there (under the store's key) and return its StoredImage.
+        self._store = store
         self._cache_dir = str(config.model_cache_dir)
         self._scheduler = scheduler
         self._pools: dict[str, _Pool] = {}
@@ -159,12 +162,19 @@ class Executor:
             (item,) = batch.items
             latents, core, halo = item.payload
             png = await calls.tiled_decode_image(
-                self._pools["decoder"].next, item.model, self._info(item.model), ray.put(latents), 0, item.spec, core, halo
-            )
+                self._pools["decoder"].next, item.model, self._info(item.model), ray.put(latents), 0, item.spec, core, halo,
+                *self._destination(item, item.spec),
+            )  # fmt: skip
             await record([(item, item.spec, png)])
         else:
             (item,) = batch.items
-            await record([(item, item.spec, await self._upscale_image(batch.replica, item.payload, item.spec))])
+            await record([(item, item.spec, await self._upscale_image(batch.replica, item, item.payload, item.spec))])
+
+    def _destination(self, item: Item, spec) -> tuple:
+        """(target, key) of the item's result in an object store; (None, None) with a local store."""
+        if self._store.target is None:
+            return None, None
+        return self._store.target, self._store.key(item.job, spec.file_name)
 
     async def _render(self, actor, batch: Batch, record: Record) -> None:
         items, model = batch.items, batch.model
@@ -189,11 +199,16 @@ class Executor:
             core = self._config.decode_tile // info.vae_scale_factor
             for index, item in enumerate(items):
                 png = await calls.tiled_decode_image(
-                    self._pools["decoder"].next, model, info, latents, index, item.spec, core, info.decode_halo
-                )
+                    self._pools["decoder"].next, model, info, latents, index, item.spec, core, info.decode_halo,
+                    *self._destination(item, item.spec),
+                )  # fmt: skip
                 await record([(item, item.spec, png)])
         else:
-            pngs = await self._on_replica("decoder", model, lambda decoder: calls.decode(decoder, model, latents, specs))
+            destinations = [self._destination(item, item.spec) for item in items]
+            target, keys = destinations[0][0], None if destinations[0][0] is None else [key for _, key in destinations]
+            pngs = await self._on_replica(
+                "decoder", model, lambda decoder: calls.decode(decoder, model, latents, specs, target, keys)
+            )
             await record(list(zip(items, specs, pngs, strict=True)))
 
     async def _on_replica(self, stage: str, model: str, call: Callable[[object], Awaitable]):
@@ -252,15 +267,16 @@ class Executor:
             spec = upscale.chained(item.spec, digest)
             index = self._scheduler.pick("upscaler", spec.model)
             try:
-                result = await self._upscale_image(index, png, spec)
+                result = await self._upscale_image(index, item, png, spec)
             finally:
                 self._scheduler.release("upscaler", index)
             await record([(item, spec, result)])
 
         await asyncio.gather(*(one(item, png, digest) for item, png, digest in zip(items, pngs, digests, strict=True)))
 
-    async def _upscale_image(self, first: int, image, spec) -> bytes:
-        """Upscales one image (encoded bytes, or a ref to them) starting on replica `first`; returns the 4x PNG."""
+    async def _upscale_image(self, first: int, item: Item, image, spec):
+        """Upscales one image (encoded bytes, or a ref to them) of `item` starting on replica `first`; returns the
+        4x PNG (bytes, or its StoredImage in an object store)."""
         texts = [spec.prompt] + ([spec.negative_prompt] if guided(spec.guidance_scale) else [])
         embeds = await self._embed(spec.model, texts)
         info = self._info(spec.model)
@@ -273,12 +289,16 @@ class Executor:
             latents = await self._spread(
                 [actors[(first + rank) % len(actors)] for rank in range(parties)], image, spec, embeds
             )
+        target, key = self._destination(item, spec)
         if self._tiled(spec):
             core = self._config.decode_tile // info.vae_scale_factor
             return await calls.tiled_decode_image(
-                self._pools["decoder"].next, spec.model, info, latents, 0, spec, core, info.decode_halo
+                self._pools["decoder"].next, spec.model, info, latents, 0, spec, core, info.decode_halo, target, key
             )
-        (png,) = await self._on_replica("decoder", spec.model, lambda decoder: calls.decode(decoder, spec.model, latents, [spec]))
+        keys = None if key is None else [key]
+        (png,) = await self._on_replica(
+            "decoder", spec.model, lambda decoder: calls.decode(decoder, spec.model, latents, [spec], target, keys)
+        )
         return png
 
     async def _spread(self, actors: list, image, spec, embeds: list):

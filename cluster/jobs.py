@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from renderfarm._wire import JobState
+from renderfarm.actors.s3 import StoredImage
 from renderfarm.spec import AnySpec, DecodedImageSpec, UpscaledImageSpec, spec_from_json
 from renderfarm.v1 import farm_pb2 as pb
 
@@ -64,9 +65,12 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at REAL NOT NULL,
     cancel_requested INTEGER NOT NULL,
     last_seq INTEGER NOT NULL,
+    finished_at REAL,
     UNIQUE (owner, request_id)
 );
 """
+# Columns added after a store may have been written: (table, column, type).
+ADDED_COLUMNS = (("jobs", "finished_at", "REAL"), ("results", "sha256", "TEXT"), ("results", "size", "INTEGER"))
 JOBS_COLUMNS = "id, request_id, request, state, total, completed, error, created_at, cancel_requested, last_seq"
 
 SCHEMA = (
@@ -78,6 +82,9 @@ CREATE TABLE IF NOT EXISTS results (
     spec TEXT NOT NULL,
     -- The work item the result finishes: see item_key.
     item TEXT NOT NULL,
+    -- Of a PNG a worker put into an object store (the scheduler never held its bytes).
+    sha256 TEXT,
+    size INTEGER,
     PRIMARY KEY (job_id, name)
 );
 -- Failed attempts of work items, so that a restarted scheduler does not grant them fresh ones.
@@ -110,13 +117,15 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def result_to_pb(spec: AnySpec, name: str) -> pb.ImageResult:
+def result_to_pb(spec: AnySpec, name: str, stored: StoredImage | None = None) -> pb.ImageResult:
+    """A result event's body; `stored`: what the worker recorded of a PNG it put into an object store."""
+    digest = dict(sha256=stored.sha256, size=stored.size) if stored else {}
     if isinstance(spec, DecodedImageSpec):
-        return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name)
+        return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name, **digest)
     if isinstance(spec, UpscaledImageSpec):
         fields = vars(spec) | {"source": None if spec.source is None else pb.ImageSpec(**vars(spec.source))}
-        return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**fields), name=name)
-    return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name)
+        return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**fields), name=name, **digest)
+    return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name, **digest)
 
 
 def item_key(spec: AnySpec) -> str:
@@ -155,6 +164,8 @@ class JobRecord:
         self.completed: int = row["completed"]
         self.error: str = row["error"]
         self.cancel_requested = bool(row["cancel_requested"])
+        # When it ended; None while it runs (and for jobs that ended before stores kept it).
+        self.finished_at: float | None = row["finished_at"]
         self._last_seq: int = row["last_seq"]
         # Item keys of the recorded results, and failed attempts per item, read once, when first asked.
         self._done_items: set[str] | None = None
@@ -177,8 +188,10 @@ class JobRecord:
 
     def _save(self) -> None:
         self._db.execute(
-            "UPDATE jobs SET state = ?, completed = ?, error = ?, cancel_requested = ?, last_seq = ? WHERE id = ?",
-            (self.state.value, self.completed, self.error, int(self.cancel_requested), self._last_seq, self.id),
+            "UPDATE jobs SET state = ?, completed = ?, error = ?, cancel_requested = ?, last_seq = ?, finished_at = ?"
+            " WHERE id = ?",
+            (self.state.value, self.completed, self.error, int(self.cancel_requested), self._last_seq,
+             self.finished_at, self.id),  # fmt: skip
         )
 
     def wake_followers(self) -> None:
@@ -196,6 +209,8 @@ class JobRecord:
             raise ValueError(f"job {self.id} cannot go from {self.state.value} to {state.value}")
         with _transaction(self._db):
             self.state, self.error = state, error
+            if state.finished:
+                self.finished_at = time.time()
             self._append(state=STATE_TO_PB[state], error=error)
             self._save()
         self.wake_followers()
@@ -233,15 +248,15 @@ class JobRecord:
         self._failures[spec.file_name] = failures
         return failures
 
-    def _record(self, spec: AnySpec, name: str) -> bool:
+    def _record(self, spec: AnySpec, name: str, stored: StoredImage | None) -> bool:
         """Adds one result and its event; call inside a transaction. False if it was already there."""
         inserted = self._db.execute(
-            "INSERT OR IGNORE INTO results (job_id, name, spec, item) VALUES (?, ?, ?, ?)",
-            (self.id, name, spec.to_json(), item_key(spec)),
+            "INSERT OR IGNORE INTO results (job_id, name, spec, item, sha256, size) VALUES (?, ?, ?, ?, ?, ?)",
+            (self.id, name, spec.to_json(), item_key(spec), stored and stored.sha256, stored and stored.size),
         ).rowcount
         if inserted:
             self.completed += 1
-            self._append(result=result_to_pb(spec, name))
+            self._append(result=result_to_pb(spec, name, stored))
             self._done().add(item_key(spec))
         return bool(inserted)
 
@@ -297,6 +312,7 @@ class JobStore:
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._add_owners()
         self._db.executescript(SCHEMA)
+        self._add_columns()
         rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at, rowid").fetchall()
         self._jobs = {row["id"]: JobRecord(self._db, row) for row in rows}
         self._stopping = False
@@ -314,6 +330,12 @@ class JobStore:
             )
             self._db.execute("DROP TABLE jobs")
             self._db.execute("ALTER TABLE jobs_with_owners RENAME TO jobs")
+
+    def _add_columns(self) -> None:
+        """Nullable columns newer than a store: SQLite adds those in place."""
+        for table, column, kind in ADDED_COLUMNS:
+            if column not in {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -340,25 +362,25 @@ class JobStore:
         self._jobs[job.id] = job
         return job
 
-    def add_results(self, results: list[tuple[JobRecord, AnySpec, str]]) -> list[tuple[JobRecord, AnySpec, str]]:
-        """Records (job, spec, file name) results in one transaction, each once; returns those that were new.
-
-        Each job that got results gets one progress event after them; followers wake after the commit.
+    def add_results(self, results: list[tuple[JobRecord, AnySpec, str, StoredImage | None]]) -> list:
+        """Records (job, spec, file name, stored or None) results in one transaction, each once; returns
+        those that were new. Each job that got results gets one progress event after them; followers wake
+        after the commit.
         """
-        new, touched = [], {job.id: job for job, _, _ in results}
+        new, touched = [], {result[0].id: result[0] for result in results}
         try:
             with _transaction(self._db):
-                for job, spec, name in results:
-                    if job._record(spec, name):
-                        new.append((job, spec, name))
-                for job in {job.id: job for job, _, _ in new}.values():
+                for job, spec, name, stored in results:
+                    if job._record(spec, name, stored):
+                        new.append((job, spec, name, stored))
+                for job in {result[0].id: result[0] for result in new}.values():
                     job._record_progress()
         except BaseException:
             # Rolled back: what the records counted in memory did not happen.
             for job in touched.values():
                 job._reload()
             raise
-        touched = {job.id: job for job, _, _ in new}
+        touched = {result[0].id: result[0] for result in new}
         for job in touched.values():
             job.wake_followers()
         return new
@@ -373,6 +395,23 @@ class JobStore:
 
     def all(self) -> list[JobRecord]:
         return list(self._jobs.values())
+
+    def delete(self, job: JobRecord) -> None:
+        """Forgets a finished job: its row, results index, attempts and event log, in one transaction."""
+        if not job.state.finished:
+            raise ValueError(f"job {job.id} is {job.state.value}: only a finished job can be deleted")
+        with _transaction(self._db):
+            for table in ("events", "attempts", "results"):
+                self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job.id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+        del self._jobs[job.id]
+        job.wake_followers()
+
+    def finished_before(self, moment: float) -> list[JobRecord]:
+        """Finished jobs that ended before `moment` (epoch seconds); one that ended before stores kept the
+        time counts from its creation."""
+        return [job for job in self._jobs.values()
+                if job.state.finished and (job.finished_at or job.created_at) < moment]  # fmt: skip
 
     def owned_by(self, owner: str) -> list[JobRecord]:
         return [job for job in self._jobs.values() if job.owner == owner]

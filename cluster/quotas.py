@@ -8,11 +8,9 @@ import time
 from dataclasses import dataclass
 
 from renderfarm.cluster.config import LimitsConfig
+from renderfarm.cluster.constants import DAY_S
 from renderfarm.cluster.jobs import JobStore
 from renderfarm.cluster.keys import User
-
-# max_images_per_day counts the images of jobs submitted in this rolling window.
-DAY_S = 24 * 60 * 60
 
 
 @dataclass(frozen=True)

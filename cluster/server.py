@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -13,11 +14,11 @@ from grpc_health.v1._async import HealthServicer
 from renderfarm.cluster import kinds, quotas
 from renderfarm.cluster.auth import Users
 from renderfarm.cluster.config import FarmConfig
-from renderfarm.cluster.constants import SERVER_OPTIONS, SHUTDOWN_GRACE_S
+from renderfarm.cluster.constants import DAY_S, RETENTION_CHECK_INTERVAL_S, SERVER_OPTIONS, SHUTDOWN_GRACE_S
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.keys import User
 from renderfarm.cluster.model_info import ModelInfo, model_info
-from renderfarm.cluster.results import LocalResultStore
+from renderfarm.cluster.results import ResultStore, result_store
 from renderfarm.cluster.rpc import SERVICE_NAME, abort, abort_invalid, service_handler
 from renderfarm.cluster.stats import FarmStats
 from renderfarm.cluster.tls import server_credentials
@@ -34,7 +35,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class RenderFarmService:
     """The RenderFarm methods; rpc.service_handler calls each with the authenticated caller."""
 
-    def __init__(self, config: FarmConfig, jobs: JobStore, store: LocalResultStore, engine, users: Users):
+    def __init__(self, config: FarmConfig, jobs: JobStore, store: ResultStore, engine, users: Users):
         self._config = config
         self._jobs = jobs
         self._store = store
@@ -104,6 +105,37 @@ class RenderFarmService:
         self._engine.cancel(job)
         return pb.CancelJobResponse(job=job.to_pb())
 
+    async def DeleteJob(self, request, context, caller: User):
+        job = await self._job(request.job_id, context, caller)
+        if not job.state.finished:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "job_id",
+                f"job_id: job {job.id} is {job.state.value}: cancel it first, then delete it",
+            )
+        await self.delete(job)
+        return pb.DeleteJobResponse()
+
+    async def delete(self, job: JobRecord) -> None:
+        """A finished job's results, then its rows: a crash in between leaves rows a second delete finishes,
+        never results no row names."""
+        await asyncio.to_thread(self._store.delete, job.id)
+        if self._jobs.get(job.id) is job:  # not deleted meanwhile by another call
+            self._jobs.delete(job)
+
+    async def keep_retention(self, days: float) -> None:
+        """Deletes finished jobs older than `days`, now and every RETENTION_CHECK_INTERVAL_S."""
+        while True:
+            for job in self._jobs.finished_before(time.time() - days * DAY_S):
+                try:
+                    await self.delete(job)
+                except Exception as error:  # the next round tries again
+                    log.warning("retention: could not delete job %s: %s", job.id, error)
+                else:
+                    log.info("retention: deleted job %s, finished over %g days ago", job.id, days)
+            await asyncio.sleep(RETENTION_CHECK_INTERVAL_S)
+
     async def StreamJobEvents(self, request, context, caller: User):
         job = await self._job(request.job_id, context, caller)
         async for events in self._jobs.follow(job, request.after_seq):
@@ -115,10 +147,11 @@ class RenderFarmService:
                 yield event
 
     def _with_images(self, job_id: str, events: list[pb.JobEvent]) -> list[pb.JobEvent]:
-        """The events with each result's PNG read in; one trip to a thread for a whole read of the log."""
+        """The events with each result's PNG (or its presigned URL) put in; one trip to a thread for a whole
+        read of the log."""
         for event in events:
             if event.WhichOneof("kind") == "result":
-                event.result.png = self._store.read(job_id, event.result.name)
+                self._store.attach(job_id, event.result)
         return events
 
     async def drain(self) -> None:
@@ -145,6 +178,7 @@ class Farm:
         self.health_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
+        self._retention: asyncio.Task | None = None
         self._service: RenderFarmService | None = None
         self._engine = None
         self._health = HealthServicer()
@@ -170,10 +204,11 @@ class Farm:
         # Before anything starts: a broken keys file or unreadable certificate is the operator's to fix.
         users = Users(self.config.auth.keys_file, self._token)
         credentials = server_credentials(self.config)
+        store = result_store(self.config)
+        await asyncio.to_thread(store.check)
         if users.open and self.config.host not in LOOPBACK_HOSTS:
             log.warning("no keys file and no RENDERFARM_TOKEN: the API is open to whoever reaches %s", self.config.host)
         self.connect_ray()
-        store = LocalResultStore(self.config.output_dir)
         self._jobs = JobStore(self.config.state_dir)
         self._engine = Engine(
             self.config, self._jobs, store, lambda model: model_info(model, self.config.model_cache_dir)
@@ -198,11 +233,15 @@ class Farm:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
             await self._health_server.start()
+        if self.config.retention_days is not None:
+            self._retention = asyncio.create_task(self._service.keep_retention(self.config.retention_days))
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("renderfarm serving on %s%s", self.address, " (TLS)" if credentials else "")
 
     async def _stop_servers(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
         await self._server.stop(SHUTDOWN_GRACE_S)
         if self._health_server is not None:
             await self._health_server.stop(None)
@@ -230,7 +269,8 @@ class Farm:
         await self.stop()
 
     def stats(self) -> FarmStats:
-        """Replicas per stage with their peak memory and model loads, batches run and their sizes, encoder calls.
+        """Replicas per stage with their peak memory and model loads, batches run and their sizes, encoder calls,
+        and the result bytes the scheduler received.
 
         Blocks on the replicas: call it from any thread but the farm's event loop (an EmbeddedFarm's caller)."""
-        return self._engine.executor.stats()
+        return dataclasses.replace(self._engine.executor.stats(), result_bytes_received=self._engine.sink.bytes_received)

@@ -36,6 +36,9 @@ class FarmStats:
     # Upscale exchange sessions still open (0 once every spread image has ended), and the exchange's peak memory.
     exchange_sessions: int = 0
     exchange_peak_rss_bytes: int = 0
+    # PNG bytes of results that reached the scheduler process: with an object store (the workers put
+    # them there), none; with a local store, every image's.
+    result_bytes_received: int = 0
 
     @property
     def texts_encoded(self) -> int:

@@ -40,3 +40,6 @@ FIELD_METADATA_KEY = "renderfarm-field"
 # Call metadata carrying the caller's API token: `authorization: Bearer TOKEN`.
 AUTHORIZATION_KEY = "authorization"
 BEARER_PREFIX = "Bearer "
+
+# Fetching one result's PNG from an object store by its presigned URL.
+FETCH_TIMEOUT_S = 60.0

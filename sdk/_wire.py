@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import os
+import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from io import BytesIO
@@ -18,6 +20,7 @@ from renderfarm._constants import (
     AUTHORIZATION_KEY,
     BEARER_PREFIX,
     DEFAULT_UPSCALER,
+    FETCH_TIMEOUT_S,
     FIELD_METADATA_KEY,
     RECONNECT_FIRST_DELAY_S,
     RECONNECT_MAX_DELAY_S,
@@ -71,11 +74,32 @@ class JobStatus:
 
 @dataclass(frozen=True)
 class Result:
-    """One finished image: the PNG as the farm stored it, and its spec."""
+    """One finished image: the PNG as the farm stored it, and its spec.
+
+    From a farm whose results live in an object store, the event carries a presigned `url` instead of
+    the bytes: `png` (and `image`, `save`) fetch it on first use, with the standard library, and check
+    it against the SHA-256 the farm recorded.
+    """
 
     spec: AnySpec
     name: str
-    png: bytes
+    # The PNG as the stream carried it; None where it carried a URL.
+    data: bytes | None = field(default=None, repr=False)
+    url: str | None = None
+    sha256: str = ""
+
+    @cached_property
+    def png(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        try:
+            with urllib.request.urlopen(self.url, timeout=FETCH_TIMEOUT_S) as response:
+                png = response.read()
+        except OSError as error:
+            raise FarmUnavailableError(f"could not fetch {self.name} from the result store: {error}") from None
+        if self.sha256 and hashlib.sha256(png).hexdigest() != self.sha256:
+            raise RenderfarmError(f"{self.name} from the result store does not match the digest the farm recorded")
+        return png
 
     @cached_property
     def image(self):
@@ -199,9 +223,9 @@ def upscale_request(
 
 def _set_given(message, **values) -> None:
     """Sets the optional fields whose value is given; the others stay unset: the farm's defaults."""
-    for field, value in values.items():
+    for name, value in values.items():
         if value is not None:
-            setattr(message, field, value)
+            setattr(message, name, value)
 
 
 def _image_bytes(image) -> bytes:
@@ -241,7 +265,9 @@ def result(message: pb.ImageResult) -> Result:
         spec = UpscaledImageSpec(**fields, source=image_spec(source) if message.upscaled.HasField("source") else None)
     else:
         spec = image_spec(message.spec)
-    return Result(spec=spec, name=message.name, png=message.png)
+    if message.url:
+        return Result(spec=spec, name=message.name, url=message.url, sha256=message.sha256)
+    return Result(spec=spec, name=message.name, data=message.png)
 
 
 def _fields(message) -> dict:

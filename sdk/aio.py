@@ -166,6 +166,10 @@ class AsyncClient:
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))).job)
 
+    async def delete(self, job_id: str) -> None:
+        """See Client.delete."""
+        await self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id))
+
     async def jobs(self, owner: str | None = None) -> list[JobStatus]:
         """See Client.jobs."""
         response = await self._call(self._stub.ListJobs, pb.ListJobsRequest(owner=owner or ""))
@@ -190,6 +194,10 @@ class AsyncJob:
     async def cancel(self) -> JobStatus:
         response = await self._client._call(self._client._stub.CancelJob, pb.CancelJobRequest(job_id=self.id))
         return _wire.job_status(response.job)
+
+    async def delete(self) -> None:
+        """See Client.delete."""
+        await self._client.delete(self.id)
 
     async def _events(self, omit_images: bool = False) -> AsyncIterator[pb.JobEvent]:
         client, last_seq = self._client, 0

@@ -57,6 +57,7 @@ def _add_farm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch", type=int, default=8, help="images per denoiser batch (default 8)")
     group.add_argument("--gpus-per-replica", type=float, default=0.0, help="num_gpus of each replica (default 0)")
     group.add_argument("--output-dir", type=Path, default=_data_home() / "output", help="the farm's result store")
+    group.add_argument("--output", metavar="s3://BUCKET/PREFIX", help="store results in a bucket instead (boto3's AWS_* settings)")
     group.add_argument("--model-cache-dir", type=Path, default=_cache_home() / "models", help="builtin model cache")
     group.add_argument(
         "--state-dir",
@@ -102,7 +103,8 @@ def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0
             raise error.under(f"{name}.") from None
 
     return FarmConfig(
-        output_dir=args.output_dir,
+        output_dir=None if args.output else args.output_dir,
+        output=args.output,
         model_cache_dir=args.model_cache_dir,
         state_dir=state_dir,
         host=host,
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--height", type=parse_ints, help="default: the model's native size")
     sweep.add_argument("--negative", default="", help="the negative prompt")
     sweep.add_argument("--scheduler", type=parse_names, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m (default: the model's)")
-    sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"builtin:NAME, a diffusers directory or a HF repo id (default {DEFAULT_MODEL})")
+    sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"builtin:NAME, a diffusers directory, s3://BUCKET/PREFIX/ or a HF repo id (default {DEFAULT_MODEL})")
     sweep.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
     _add_client_options(sweep, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
     sweep.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
@@ -199,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="list the farm's jobs (a member's own; an admin's: everyone's)")
     jobs.add_argument("--owner", help="only this user's jobs (admins)")
     _add_client_options(jobs)
-    for name, text in (("status", "show a job"), ("cancel", "cancel a job"), ("watch", "follow a job to its end")):
+    for name, text in (("status", "show a job"), ("cancel", "cancel a job"), ("watch", "follow a job to its end"),
+                       ("delete", "remove a finished job and its results from the farm")):  # fmt: skip
         command = commands.add_parser(name, help=text)
         command.add_argument("job_id")
         _add_client_options(command)
@@ -444,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                 _print_status(client.job(args.job_id).status())
             elif args.command == "cancel":
                 _print_status(client.job(args.job_id).cancel())
+            elif args.command == "delete":
+                client.delete(args.job_id)
+                print(f"deleted job {args.job_id}", file=sys.stderr)
             elif args.command == "watch":
                 job = client.job(args.job_id)
                 with contextlib.suppress(JobFailedError):  # the status line below says so

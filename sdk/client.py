@@ -190,6 +190,11 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(self, self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
 
+    def delete(self, job_id: str) -> None:
+        """Removes a finished job's results from the farm's result store and the job from its job store.
+        A job still queued or running raises RenderfarmError (FAILED_PRECONDITION): cancel it first."""
+        self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id))
+
     def jobs(self, owner: str | None = None) -> list[JobStatus]:
         """The jobs the caller may see (a member: their own; an admin: everyone's), or only `owner`'s.
         A member naming another user raises PermissionDeniedError."""
@@ -214,6 +219,10 @@ class Job:
     def cancel(self) -> JobStatus:
         request = pb.CancelJobRequest(job_id=self.id)
         return _wire.job_status(self._client._call(self._client._stub.CancelJob, request).job)
+
+    def delete(self) -> None:
+        """See Client.delete."""
+        self._client.delete(self.id)
 
     def _events(self, omit_images: bool = False) -> Iterator[pb.JobEvent]:
         """Every event once, in order, resuming after a dropped stream from the last seq seen."""

@@ -1,6 +1,7 @@
 """Integration fixtures: one real local Ray instance per session, real farms on loopback."""
 
 import itertools
+import os
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -15,7 +16,27 @@ from renderfarm.spec import ImageSpec
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_endpoint():
+    """moto's S3 API on loopback, in this process. Its address and test credentials go into the environment
+    before Ray starts, so the farm's workers (Ray's processes) reach it through boto3's standard chain."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
     import ray
 
     ray.init(num_cpus=8, include_dashboard=False)

@@ -1,5 +1,6 @@
 """Exactly once under failure: real processes killed with real signals, real connections cut."""
 
+import io
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import ray
@@ -21,6 +23,7 @@ from PIL import Image
 
 import renderfarm as rf
 from renderfarm.actors.models import resolve_model
+from renderfarm.actors.s3 import parse_s3_url
 from renderfarm.cluster.config import RetryConfig
 from renderfarm.spec import MANIFEST, read_spec, spec_from_json
 
@@ -43,42 +46,63 @@ def stage_processes(*classes: str) -> set[int]:
     return pids
 
 
-def manifest(output_dir: Path, job_id: str) -> Counter:
-    lines = (output_dir / job_id / MANIFEST).read_text().splitlines()
-    return Counter(spec_from_json(json.dumps(json.loads(line)["spec"])) for line in lines)
+def stored(farm, job_id: str) -> dict[str, bytes]:
+    """The files of a job in its farm's result store (a directory or a bucket), by name."""
+    config = farm.farm.config
+    if config.output is None:
+        return {path.name: path.read_bytes() for path in (config.output_dir / job_id).iterdir()}
+    bucket, prefix = parse_s3_url(config.output)
+    s3 = boto3.client("s3")
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{job_id}/")
+    keys = [entry["Key"] for entry in listing.get("Contents", [])]
+    return {key.rsplit("/", 1)[1]: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
-def pixels_by_name(directory: Path) -> dict[str, np.ndarray]:
-    return {path.name: np.asarray(Image.open(path)) for path in directory.glob("*.png")}
+def manifest(files: dict[str, bytes]) -> Counter:
+    return Counter(spec_from_json(json.dumps(json.loads(line)["spec"])) for line in files[MANIFEST].decode().splitlines())
 
 
-def test_killing_denoisers_and_decoders_ten_times_changes_no_result(start_farm):
+def pixels(files: dict[str, bytes]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(Image.open(io.BytesIO(png))) for name, png in files.items() if name.endswith(".png")}
+
+
+@pytest.fixture(scope="module")
+def chaos_bucket(s3_endpoint) -> str:
+    boto3.client("s3").create_bucket(Bucket="chaos")
+    return "s3://chaos/runs"
+
+
+# The S3 run is shorter: the guarantees are the store's to keep, the kills' variety is the local run's.
+@pytest.mark.parametrize("store, seeds, kills", [("local", 100, 10), ("s3", 60, 5)])
+def test_killing_denoisers_and_decoders_changes_no_result(start_farm, request, store, seeds, kills):
     workers = ("DenoiserStage", "DecoderStage")
     others = stage_processes(*workers)
+    output = dict(output_dir=None, output=request.getfixturevalue("chaos_bucket")) if store == "s3" else {}
     # Short backoff keeps the test quick; the default attempts stand.
-    farm = start_farm(denoisers=2, decoders=2, max_batch=3, retries=RetryConfig(backoff_s=0.2, max_backoff_s=2.0))
-    output = farm.farm.config.output_dir
-    sweep = dict(prompts=["a red fox", "a lighthouse"], seeds=range(100), **SMALL)
+    farm = start_farm(denoisers=2, decoders=2, max_batch=3, retries=RetryConfig(backoff_s=0.2, max_backoff_s=2.0),
+                      **output)  # fmt: skip
+    sweep = dict(prompts=["a red fox", "a lighthouse"], seeds=range(seeds), **SMALL)
     with rf.Client(farm.address) as client:
         clean = client.sweep(**sweep)
         clean.wait()
         chaotic = client.sweep(**sweep)
-        kills = []
-        while len(kills) < 10:
+        killed = []
+        while len(killed) < kills:
             time.sleep(random.uniform(0.2, 1.5))
-            assert not chaotic.status().state.finished, f"the job ended after only {len(kills)} kills"
+            assert not chaotic.status().state.finished, f"the job ended after only {len(killed)} kills"
             victims = stage_processes(*workers) - others
             if victims:
                 victim = random.choice(sorted(victims))
                 os.kill(victim, signal.SIGKILL)
-                kills.append(victim)
+                killed.append(victim)
         status = chaotic.wait()
-    assert status.state == rf.JobState.SUCCEEDED and status.completed == status.total == 200
+    assert status.state == rf.JobState.SUCCEEDED and status.completed == status.total == 2 * seeds
 
-    expected = {read_spec(path) for path in (output / clean.id).glob("*.png")}
-    assert len(expected) == 200
-    assert manifest(output, chaotic.id) == Counter(expected)  # every spec, each exactly once
-    clean_pixels, chaotic_pixels = pixels_by_name(output / clean.id), pixels_by_name(output / chaotic.id)
+    clean_files, chaotic_files = stored(farm, clean.id), stored(farm, chaotic.id)
+    expected = {read_spec(io.BytesIO(png)) for name, png in clean_files.items() if name.endswith(".png")}
+    assert len(expected) == 2 * seeds
+    assert manifest(chaotic_files) == Counter(expected)  # every spec, each exactly once
+    clean_pixels, chaotic_pixels = pixels(clean_files), pixels(chaotic_files)
     assert clean_pixels.keys() == chaotic_pixels.keys()
     for name, image in clean_pixels.items():
         assert np.array_equal(chaotic_pixels[name], image), name
@@ -139,7 +163,8 @@ def test_a_scheduler_killed_mid_sweep_resumes_and_streams_each_result_once(ray_s
     assert len(seen) == len(set(seen)) == 80  # each result once, across the crash
     files = sorted(path.name for path in (output / job.id).glob("*.png"))
     assert sorted(seen) == files
-    assert sorted(spec.file_name for spec in manifest(output, job.id).elements()) == files
+    manifest_files = {MANIFEST: (output / job.id / MANIFEST).read_bytes()}
+    assert sorted(spec.file_name for spec in manifest(manifest_files).elements()) == files
 
 
 class DroppableProxy:

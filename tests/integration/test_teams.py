@@ -3,6 +3,7 @@
 Every RPC of the service descriptor is called; a new RPC without a case here fails the first test.
 """
 
+import asyncio
 import re
 import subprocess
 import time
@@ -28,6 +29,7 @@ REQUESTS = {
     "ListJobs": lambda job_id: pb.ListJobsRequest(),
     "CancelJob": lambda job_id: pb.CancelJobRequest(job_id=job_id),
     "StreamJobEvents": lambda job_id: pb.StreamJobEventsRequest(job_id=job_id),
+    "DeleteJob": lambda job_id: pb.DeleteJobRequest(job_id=job_id),
 }
 BY_JOB_ID = [method.name for method in METHODS if "job_id" in method.input_type.fields_by_name]
 
@@ -154,6 +156,16 @@ def test_a_plaintext_client_cannot_use_the_tls_port_and_health_has_its_own(farm,
         with pytest.raises(grpc.RpcError) as refused:  # that port serves health alone
             RenderFarmStub(channel).ListJobs(pb.ListJobsRequest(), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_async_client_speaks_tls_too(farm, team):
+    async def owners() -> set[str]:
+        async with rf.AsyncClient(f"grpcs://{farm.address}", token=team.tokens["bob"], root_certificates=team.ca_pem) as bob:
+            job = await bob.sweep("a red fox", seeds=0, **SMALL)
+            await job.wait()
+            return {status.owner for status in await bob.jobs()}
+
+    assert asyncio.run(owners()) == {"bob"}
 
 
 def test_quotas_refuse_one_user_and_not_another(farm, team):

@@ -118,11 +118,23 @@ def test_an_unknown_key_is_refused_by_its_full_name(tmp_path, text, key):
         load_config(write(tmp_path, REQUIRED + text))
 
 
-@pytest.mark.parametrize("missing", ["output_dir", "model_cache_dir", "state_dir"])
+@pytest.mark.parametrize("missing", ["model_cache_dir", "state_dir"])
 def test_each_directory_is_required(tmp_path, missing):
     text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(missing))
     with pytest.raises(ConfigError, match=rf"^farm\.toml: missing required key {missing}$"):
         load_config(write(tmp_path, text))
+
+
+def test_results_go_to_a_directory_or_a_bucket_exactly(tmp_path):
+    without_output = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith("output_dir"))
+    config = load_config(write(tmp_path, without_output + '\noutput = "s3://renders/team-a"\n'))
+    assert config.output == "s3://renders/team-a" and config.output_dir is None
+    for text in (without_output, REQUIRED + 'output = "s3://renders"\n'):
+        with pytest.raises(ConfigError, match=r"output_dir or output \(s3://BUCKET/PREFIX\): give exactly one"):
+            load_config(write(tmp_path, text))
+    for bad in ("/srv/out", "s3://", "s3:///prefix"):
+        with pytest.raises(ConfigError, match=r"output must be s3://BUCKET or s3://BUCKET/PREFIX"):
+            load_config(write(tmp_path, without_output + f'\noutput = "{bad}"\n'))
 
 
 def test_invalid_toml_names_the_file(tmp_path):

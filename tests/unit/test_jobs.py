@@ -28,7 +28,7 @@ def events(store: JobStore, job_id: str, after_seq: int = 0) -> list[pb.JobEvent
 
 
 def record(store: JobStore, job, *specs) -> list:
-    return store.add_results([(job, s, s.file_name) for s in specs])
+    return store.add_results([(job, s, s.file_name, None) for s in specs])
 
 
 def test_a_result_recorded_twice_counts_once(tmp_path):
@@ -47,9 +47,9 @@ def test_results_of_many_jobs_are_committed_together_with_one_progress_event_per
         store.create(REQUEST, total=3, owner="alice"),
         store.create(pb.SubmitJobRequest(sweep=REQUEST.sweep), total=1, owner="alice"),
     )
-    new = store.add_results([(first, spec(0), spec(0).file_name), (second, spec(0), spec(0).file_name),
-                             (first, spec(1), spec(1).file_name), (first, spec(1), spec(1).file_name)])  # fmt: skip
-    assert [(job.id, s) for job, s, _ in new] == [(first.id, spec(0)), (second.id, spec(0)), (first.id, spec(1))]
+    new = store.add_results([(first, spec(0), spec(0).file_name, None), (second, spec(0), spec(0).file_name, None),
+                             (first, spec(1), spec(1).file_name, None), (first, spec(1), spec(1).file_name, None)])  # fmt: skip
+    assert [(job.id, s) for job, s, _, _ in new] == [(first.id, spec(0)), (second.id, spec(0)), (first.id, spec(1))]
     store.stop_following()
     kinds = [e.WhichOneof("kind") for e in events(store, first.id)[:-1]]  # the last: None, for a stopping store
     assert kinds == ["state", "result", "result", "progress"]
@@ -139,7 +139,7 @@ def test_a_failed_commit_records_nothing_and_the_same_results_record_later(tmp_p
     job = store.create(REQUEST, total=3, owner="alice")
     broken = Unrecordable(**vars(spec(2)))
     with pytest.raises(RuntimeError, match="disk full"):
-        store.add_results([(job, spec(0), spec(0).file_name), (job, broken, "broken.png")])
+        store.add_results([(job, spec(0), spec(0).file_name, None), (job, broken, "broken.png", None)])
     assert job.completed == 0 and not job.is_done(spec(0))
     reopened = JobStore(tmp_path).get(job.id)
     # Nothing durable: a result, its events and its count commit together or not at all.

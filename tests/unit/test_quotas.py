@@ -8,9 +8,10 @@ import pytest
 
 from renderfarm._wire import JobState
 from renderfarm.cluster.config import LimitsConfig
+from renderfarm.cluster.constants import DAY_S
 from renderfarm.cluster.jobs import JobStore
 from renderfarm.cluster.keys import User, token_sha256
-from renderfarm.cluster.quotas import DAY_S, refusal
+from renderfarm.cluster.quotas import refusal
 from renderfarm.v1 import farm_pb2 as pb
 
 LIMITS = LimitsConfig()

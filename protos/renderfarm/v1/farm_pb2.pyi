@@ -244,6 +244,16 @@ class CancelJobResponse(_message.Message):
     job: Job
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StreamJobEventsRequest(_message.Message):
     __slots__ = ("job_id", "after_seq", "omit_images")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -255,18 +265,24 @@ class StreamJobEventsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., omit_images: _Optional[bool] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("spec", "decoded", "upscaled", "name", "png")
+    __slots__ = ("spec", "decoded", "upscaled", "name", "png", "url", "sha256", "size")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DECODED_FIELD_NUMBER: _ClassVar[int]
     UPSCALED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     spec: ImageSpec
     decoded: DecodedImageSpec
     upscaled: UpscaledImageSpec
     name: str
     png: bytes
-    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., decoded: _Optional[_Union[DecodedImageSpec, _Mapping]] = ..., upscaled: _Optional[_Union[UpscaledImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
+    url: str
+    sha256: str
+    size: int
+    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., decoded: _Optional[_Union[DecodedImageSpec, _Mapping]] = ..., upscaled: _Optional[_Union[UpscaledImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ..., url: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("completed", "total")

@@ -61,6 +61,11 @@ class RenderFarmStub:
                 request_serializer=renderfarm_dot_v1_dot_farm__pb2.StreamJobEventsRequest.SerializeToString,
                 response_deserializer=renderfarm_dot_v1_dot_farm__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/renderfarm.v1.RenderFarm/DeleteJob',
+                request_serializer=renderfarm_dot_v1_dot_farm__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=renderfarm_dot_v1_dot_farm__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
 
 
 class RenderFarmServicer:
@@ -100,6 +105,14 @@ class RenderFarmServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Removes a finished job: its results from the result store, then its rows from the job store.
+        A job still queued or running is FAILED_PRECONDITION: cancel it first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RenderFarmServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_RenderFarmServicer_to_server(servicer, server):
                     servicer.StreamJobEvents,
                     request_deserializer=renderfarm_dot_v1_dot_farm__pb2.StreamJobEventsRequest.FromString,
                     response_serializer=renderfarm_dot_v1_dot_farm__pb2.JobEvent.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=renderfarm_dot_v1_dot_farm__pb2.DeleteJobRequest.FromString,
+                    response_serializer=renderfarm_dot_v1_dot_farm__pb2.DeleteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class RenderFarm:
             '/renderfarm.v1.RenderFarm/StreamJobEvents',
             renderfarm_dot_v1_dot_farm__pb2.StreamJobEventsRequest.SerializeToString,
             renderfarm_dot_v1_dot_farm__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/renderfarm.v1.RenderFarm/DeleteJob',
+            renderfarm_dot_v1_dot_farm__pb2.DeleteJobRequest.SerializeToString,
+            renderfarm_dot_v1_dot_farm__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
