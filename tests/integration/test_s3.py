@@ -7,12 +7,8 @@ fetch the images through presigned URLs.
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from collections import Counter
-from pathlib import Path
 
 import boto3
 import numpy as np
@@ -22,6 +18,7 @@ from PIL import Image
 import renderfarm as rf
 from renderfarm.spec import MANIFEST, read_spec, spec_from_json
 from tests.integration.processes import RENDERFARM
+from tests.servers import strict_s3_server
 
 SMALL = dict(steps=2, width=64, height=64)
 BUCKET, PREFIX = "renders", "team-a"
@@ -79,33 +76,26 @@ def test_a_sweep_into_s3_never_passes_its_images_through_the_scheduler(s3_farm, 
     assert all(read_spec(io.BytesIO(stored[result.name])) == result.spec for result in results)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def test_decodes_and_upscales_land_in_s3_too(s3_farm, farm, bucket):
+    """The other paths by which workers store PNGs: a tiled decode's assembly, and the upscaler's decode."""
+    z = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    jobs = {}
+    for name, client_farm in (("local", farm), ("s3", s3_farm)):
+        with rf.Client(client_farm.address) as client:
+            decoded, upscaled = client.decode(z, tile=64), client.upscale(image, steps=2)
+            jobs[name] = [(job.id, list(job.results())) for job in (decoded, upscaled)]
+    for (_, local), (job_id, remote) in zip(jobs["local"], jobs["s3"], strict=True):
+        ((expected,), (result,)) = local, remote
+        assert result.url and np.array_equal(rgb(result.png), rgb(expected.png))
+        assert set(objects(bucket, job_id)) == {result.name, MANIFEST}
+    assert s3_farm.farm.stats().result_bytes_received == 0
 
 
 @pytest.fixture(scope="module")
-def strict_s3(tmp_path_factory):
-    """A second S3 API that checks credentials (moto authenticates every call when told to), in its own process."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.kill()
-    server.wait()
+def strict_s3():
+    with strict_s3_server() as endpoint:
+        yield endpoint
 
 
 def serve(tmp_path, model_cache_dir, output: str, **env) -> subprocess.CompletedProcess:

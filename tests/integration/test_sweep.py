@@ -45,7 +45,7 @@ def test_unguided_items_match_diffusers(start_farm, reference):
 def test_cli_sweep_writes_64_pngs_that_diffusers_reproduces(farm_config, ray_session, reference, tmp_path):
     out = tmp_path / "renders"
     code = cli(
-        ["sweep", "--prompt", "a red fox", "--prompt", "a lighthouse", "--seeds", "0-31",
+        ["sweep", "--prompt", "a red fox", "--prompt", "a lighthouse", "--seeds", "0-31", "--steps", "10",
          "--out", str(out), "--output-dir", str(tmp_path / "store"), "--model-cache-dir", str(farm_config.model_cache_dir)]
     )  # fmt: skip
     assert code == 0

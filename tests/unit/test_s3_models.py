@@ -7,12 +7,7 @@ process, actors.s3.client): the requests themselves go to the server unchanged.
 import contextlib
 import hashlib
 import multiprocessing
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -23,6 +18,7 @@ from renderfarm.actors.models import ModelNotFoundError
 from renderfarm.cluster import validate
 from renderfarm.cluster.model_info import model_info
 from renderfarm.errors import InvalidJobError
+from tests.servers import strict_s3_server
 
 BUCKET = "models"
 GET_OBJECT = "before-call.s3.GetObject"
@@ -171,37 +167,14 @@ def test_validation_reports_a_missing_bucket_on_the_model_field(bucket, tmp_path
     assert str(raised.value) == f"sweep.model: {ref}: no bucket named 'no-such-bucket'"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def strict_s3_endpoint(monkeypatch):
-    """A second S3 API that checks credentials (moto authenticates every call when told to), in its own
-    process; the resolver's client is pointed at it for the test."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    s3.client.cache_clear()
-    yield
-    s3.client.cache_clear()  # before monkeypatch restores the module's endpoint
-    server.kill()
-    server.wait()
+    """The resolver's client pointed, for the test, at an S3 API that refuses every credential."""
+    with strict_s3_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        s3.client.cache_clear()
+        yield
+        s3.client.cache_clear()  # before monkeypatch restores the module's endpoint
 
 
 def test_credentials_the_store_refuses_are_reported_with_the_bucket(s3_endpoint, strict_s3_endpoint, tmp_path):
