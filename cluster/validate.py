@@ -6,6 +6,7 @@ Nothing is created before a request's validation passes, so a bad request leaves
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Callable
 
@@ -55,6 +56,14 @@ def image_size(field: str, data: bytes) -> tuple[int, int]:
             return image.size
     except Exception as error:  # Pillow raises many types for a malformed image
         raise invalid(field, f"is not an image Pillow can read ({error})") from None
+
+
+def guidance_scale(field: str, value: float) -> float:
+    """A finite scale >= 0, with -0.0 as 0.0: both render alike, so the spec, the file name and the
+    `parameters` chunk must not tell them apart."""
+    if not math.isfinite(value) or value < 0:
+        raise invalid(field, f"must be a finite number >= 0 (got {value})")
+    return value + 0.0
 
 
 def pixels(field: str, width: int, height: int, limits: LimitsConfig) -> None:

@@ -110,7 +110,11 @@ class Result:
         return image
 
     def save(self, directory: str | Path) -> Path:
-        """Writes the PNG (parameters embedded) as DIRECTORY/<name>; returns the path."""
+        """Writes the PNG (parameters embedded) as DIRECTORY/<name>; returns the path. A name that is not a
+        plain file name (a wrong or hostile server's "../x.png", "/etc/x") raises RenderfarmError: nothing
+        is ever written outside DIRECTORY."""
+        if Path(self.name).name != self.name or self.name in ("", ".", ".."):
+            raise RenderfarmError(f"the farm named a result {self.name!r}, which is not a file name; not saved")
         path = Path(directory) / self.name
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
@@ -143,6 +147,36 @@ def priority_value(value) -> int:
     return int(value)
 
 
+def _integers(values: list, name: str) -> list[int]:
+    """The values as ints; one that is not an integer (1.5, "3", True) raises, where int() would truncate it."""
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidJobError(f"{name}[{index}]: must be an integer (got {value!r})", field=f"{name}[{index}]")
+    return [int(value) for value in values]
+
+
+def _reals(values: list, name: str) -> list[float]:
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidJobError(f"{name}[{index}]: must be a number (got {value!r})", field=f"{name}[{index}]")
+    return [float(value) for value in values]
+
+
+def _texts(values: list, name: str) -> list[str]:
+    """Strings that UTF-8 can carry: a lone surrogate ("\\ud800") cannot go on the wire."""
+    for index, value in enumerate(values):
+        field = f"{name}[{index}]"
+        if not isinstance(value, str):
+            raise InvalidJobError(f"{field}: must be a string (got {type(value).__name__})", field=field)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidJobError(
+                f"{field}: is not valid Unicode ({error.reason} at character {error.start})", field=field
+            ) from None
+    return values
+
+
 def sweep_request(
     *,
     prompts,
@@ -164,19 +198,19 @@ def sweep_request(
     request_id: str | None,
 ) -> pb.SubmitJobRequest:
     priority = priority_value(priority)
-    prompts = axis(prompts, "prompts")
+    prompts = _texts(axis(prompts, "prompts"), "prompts")
     widths, heights = axis(width, "width"), axis(height, "height")
     if bool(widths) != bool(heights):
         raise InvalidJobError("width and height: give both or neither", field="width")
     sweep = pb.SweepSpec(
         model=model,
         prompts=prompts,
-        negative_prompt=negative_prompt or "",
-        seeds=[int(s) for s in axis(seeds, "seeds")],
-        guidance_scales=[float(g) for g in axis(guidance_scale, "guidance_scale")],
-        steps=[int(s) for s in axis(steps, "steps")],
-        sizes=[pb.Size(width=int(w), height=int(h)) for w in widths for h in heights],
-        schedulers=axis(scheduler, "scheduler"),
+        negative_prompt=_texts([negative_prompt or ""], "negative_prompt")[0],
+        seeds=_integers(axis(seeds, "seeds"), "seeds"),
+        guidance_scales=_reals(axis(guidance_scale, "guidance_scale"), "guidance_scale"),
+        steps=_integers(axis(steps, "steps"), "steps"),
+        sizes=[pb.Size(width=w, height=h) for w in _integers(widths, "width") for h in _integers(heights, "height")],
+        schedulers=_texts(axis(scheduler, "scheduler"), "scheduler"),
     )
     if upscale:
         sweep.upscale, sweep.upscale_model, sweep.upscale_tile = upscale, upscale_model, upscale_tile or 0

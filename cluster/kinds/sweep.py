@@ -133,10 +133,10 @@ def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) ->
         if not 0 <= seed <= MAX_SEED:
             raise fields.invalid(f"sweep.seeds[{i}]", f"must be in [0, {MAX_SEED}] (got {seed})")
 
-    guidance_scales = tuple(sweep.guidance_scales) or (DEFAULT_GUIDANCE_SCALE,)
-    for i, scale in enumerate(guidance_scales):
-        if not math.isfinite(scale) or scale < 0:
-            raise fields.invalid(f"sweep.guidance_scales[{i}]", f"must be a finite number >= 0 (got {scale})")
+    guidance_scales = tuple(
+        fields.guidance_scale(f"sweep.guidance_scales[{i}]", scale)
+        for i, scale in enumerate(sweep.guidance_scales or (DEFAULT_GUIDANCE_SCALE,))
+    )
 
     steps = tuple(sweep.steps) or (DEFAULT_STEPS,)
     for i, count in enumerate(steps):

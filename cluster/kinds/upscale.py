@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -124,9 +123,9 @@ def settings(
     steps = DEFAULT_UPSCALE_STEPS if steps is None else steps
     if not 1 <= steps <= limits.max_steps:
         raise fields.invalid(f"{prefix}steps", f"must be in [1, {limits.max_steps}] (got {steps})")
-    guidance = DEFAULT_UPSCALE_GUIDANCE_SCALE if guidance is None else guidance
-    if not math.isfinite(guidance) or guidance < 0:
-        raise fields.invalid(f"{prefix}guidance_scale", f"must be a finite number >= 0 (got {guidance})")
+    guidance = fields.guidance_scale(
+        f"{prefix}guidance_scale", DEFAULT_UPSCALE_GUIDANCE_SCALE if guidance is None else guidance
+    )
     info = fields.model(f"{prefix}model", model, model_info)
     if not info.is_upscaler:
         raise fields.invalid(f"{prefix}model", f"{model} is not an x4 upscaler (its UNet takes no low-resolution image)")

@@ -2,7 +2,7 @@ import pytest
 
 from renderfarm import _wire
 from renderfarm._constants import RECONNECT_MAX_DELAY_S, RECONNECT_WINDOW_S
-from renderfarm.errors import FarmUnavailableError, InvalidJobError
+from renderfarm.errors import FarmUnavailableError, InvalidJobError, RenderfarmError
 
 
 def request(**overrides):
@@ -38,11 +38,42 @@ def test_each_submission_gets_a_fresh_request_id_unless_given():
     assert request(request_id="mine").request_id == "mine"
 
 
-@pytest.mark.parametrize("overrides, field", [(dict(seeds=[]), "seeds"), (dict(width=512), "width")])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(seeds=[]), "seeds"),
+        (dict(width=512), "width"),
+        # Each of these int() or float() would quietly turn into another value, or the wire refuse.
+        (dict(seeds=[0, 1.5]), "seeds[1]"),
+        (dict(seeds=True), "seeds[0]"),
+        (dict(steps=1.7), "steps[0]"),
+        (dict(width=64.5, height=64), "width[0]"),
+        (dict(guidance_scale="7"), "guidance_scale[0]"),
+        (dict(prompts=["a fox", "a \ud800 lone surrogate"]), "prompts[1]"),
+        (dict(negative_prompt="\udfff"), "negative_prompt[0]"),
+        (dict(scheduler=["ddim", 3]), "scheduler[1]"),
+    ],
+)
 def test_malformed_axes_are_refused_before_sending(overrides, field):
     with pytest.raises(InvalidJobError) as raised:
         request(**overrides)
-    assert raised.value.field == field
+    assert raised.value.field == field and str(raised.value).startswith(field)
+
+
+def test_integers_of_any_integral_type_are_kept_exactly():
+    import numpy as np
+
+    sweep = request(seeds=[np.int64(2**53 - 1), 7], steps=np.int32(30)).sweep
+    assert list(sweep.seeds) == [2**53 - 1, 7] and list(sweep.steps) == [30]
+
+
+@pytest.mark.parametrize("name", ["../escape.png", "/tmp/elsewhere.png", "sub/dir.png", "..", ""])
+def test_a_result_is_never_saved_outside_its_directory(tmp_path, name):
+    inside = tmp_path / "out"
+    result = _wire.Result(spec=None, name=name, data=b"png")
+    with pytest.raises(RenderfarmError, match="not a file name"):
+        result.save(inside)
+    assert not any(path.is_file() for path in tmp_path.rglob("*"))
 
 
 def test_reconnect_backoff_doubles_is_capped_and_ends():

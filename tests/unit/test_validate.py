@@ -142,3 +142,11 @@ def test_a_resumed_job_is_replanned_not_readmitted_so_a_lowered_limit_does_not_f
     # A field that is wrong whatever the limits still fails a resume.
     with pytest.raises(InvalidJobError, match="sweep.steps"):
         kinds.replan(pb.SubmitJobRequest(sweep=request(steps=[0])), CONFIG, model_info)
+
+
+def test_a_negative_zero_guidance_is_zero_in_every_spec():
+    negative, zero = (
+        next(sweep_kind.validate(request(guidance_scales=[scale]), CONFIG, model_info).specs()) for scale in (-0.0, 0.0)
+    )
+    assert math.copysign(1, negative.guidance_scale) == 1
+    assert (negative.file_name, negative.to_json()) == (zero.file_name, zero.to_json())
