@@ -73,7 +73,7 @@ def chaos_bucket(s3_endpoint) -> str:
 
 
 # The S3 run is shorter: the guarantees are the store's to keep, the kills' variety is the local run's.
-@pytest.mark.parametrize("store, seeds, kills", [("local", 100, 10), ("s3", 40, 4)])
+@pytest.mark.parametrize("store, seeds, kills", [("local", 100, 10), ("s3", 80, 5)])
 def test_killing_denoisers_and_decoders_changes_no_result(start_farm, request, store, seeds, kills):
     workers = ("DenoiserStage", "DecoderStage")
     others = stage_processes(*workers)
