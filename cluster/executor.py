@@ -204,8 +204,8 @@ class Executor:
                 )  # fmt: skip
                 await record([(item, item.spec, png)])
         else:
-            destinations = [self._destination(item, item.spec) for item in items]
-            target, keys = destinations[0][0], None if destinations[0][0] is None else [key for _, key in destinations]
+            target = self._store.target
+            keys = None if target is None else [self._destination(item, item.spec)[1] for item in items]
             pngs = await self._on_replica(
                 "decoder", model, lambda decoder: calls.decode(decoder, model, latents, specs, target, keys)
             )
