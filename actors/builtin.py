@@ -1,5 +1,6 @@
 """Builtin models generated in code from a fixed seed, so the farm runs without downloaded weights."""
 
+import contextlib
 import json
 import tempfile
 from collections import Counter
@@ -27,6 +28,15 @@ standing sitting flying running walking glowing shining floating burning frozen
 """
 NUM_MERGES = 400
 
+# tiny-sd's and tiny-sdxl's VAE (SD 1.x and SDXL share the layout): four levels, so 16x16 latents are 128x128 pixels.
+TINY_VAE = dict(
+    sample_size=128,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 32, 32),
+    norm_num_groups=8,
+)
+
 
 def build_tiny_sd(dest: Path) -> None:
     """Save a small random-weight Stable Diffusion 1.x pipeline to `dest` in diffusers layout."""
@@ -39,13 +49,7 @@ def build_tiny_sd(dest: Path) -> None:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         ),
-        vae=dict(
-            sample_size=128,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 32, 32, 32),
-            norm_num_groups=8,
-        ),
+        vae=TINY_VAE,
     )
 
 
@@ -77,20 +81,15 @@ def build_null_sd(dest: Path) -> None:
 def _build_sd(dest: Path, unet: dict, vae: dict) -> None:
     """An SD 1.x pipeline with builtin:tiny-sd's tokenizer, text encoder and scheduler, and these UNet and VAE shapes."""
     # Imported here so that listing builtins stays cheap for processes that never build one.
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = _build_tokenizer()
-    # fork_rng keeps the caller's global RNG untouched; model constructors draw from it.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with _seeded_weights():
         # quick_gelu: SD 1.x's text encoder is OpenAI's CLIP.
         text_encoder = _build_text_encoder(tokenizer, hidden_act="quick_gelu")
         unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=32, **unet)
         _rescale_untrained_unet(unet_model)
-        vae_model = AutoencoderKL(
-            in_channels=3, out_channels=3, layers_per_block=1, latent_channels=4, scaling_factor=0.18215, **vae
-        )
+        vae_model = _build_vae(vae, scaling_factor=0.18215)
 
     # Stable Diffusion 1.5's scheduler settings, so sampling behaves like the real model's. Its config
     # also lists clip_sample=False, which PNDMScheduler rejects as an argument: it never clips anyway.
@@ -116,9 +115,81 @@ def _build_sd(dest: Path, unet: dict, vae: dict) -> None:
     pipeline.save_pretrained(dest, safe_serialization=True)
 
 
+def build_tiny_sdxl(dest: Path) -> None:
+    """Save a small random-weight Stable Diffusion XL pipeline to `dest` in diffusers layout."""
+    _build_sdxl(
+        dest,
+        unet=dict(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+        ),
+        vae=TINY_VAE,
+        text_encoder=dict(hidden_size=32),
+        text_encoder_2=dict(hidden_size=32, projection_dim=32),
+    )
+
+
+def _build_sdxl(dest: Path, unet: dict, vae: dict, text_encoder: dict, text_encoder_2: dict) -> None:
+    """An SDXL pipeline with builtin:tiny-sd's tokenizer for both encoders and SDXL's scheduler, and these UNet
+    and VAE shapes; `text_encoder` and `text_encoder_2` override CLIPTextConfig arguments of tiny-sd's encoder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = _build_tokenizer()
+    with _seeded_weights():
+        # SDXL's first text encoder is OpenAI's CLIP (quick_gelu), its second, with the projection, OpenCLIP's.
+        text_encoder_model = _build_text_encoder(tokenizer, hidden_act="quick_gelu", **text_encoder)
+        text_encoder_2_model = _build_text_encoder(tokenizer, hidden_act="gelu", with_projection=True, **text_encoder_2)
+        time_embed_dim = 8
+        unet_model = UNet2DConditionModel(
+            in_channels=4,
+            out_channels=4,
+            # The UNet attends to both encoders' hidden states, concatenated.
+            cross_attention_dim=text_encoder_model.config.hidden_size + text_encoder_2_model.config.hidden_size,
+            use_linear_projection=True,
+            # SDXL's added conditioning: six size numbers (original size, crop corner, target size), each
+            # embedded in time_embed_dim, and the pooled text embedding.
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2_model.config.projection_dim,
+            **unet,
+        )
+        # SDXL attends to the encoders' penultimate hidden states, which no final layer norm scales: about a
+        # third of the scale of the states tiny-sd attends to, hence three times its text gain.
+        _rescale_untrained_unet(unet_model, text_gain=48)
+        # SDXL's VAE overflows in fp16, which its config says with force_upcast.
+        vae_model = _build_vae(vae, scaling_factor=0.13025, force_upcast=True)
+
+    # Stable Diffusion XL's scheduler settings.
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae_model,
+        text_encoder=text_encoder_model,
+        text_encoder_2=text_encoder_2_model,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet_model,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipeline.save_pretrained(dest, safe_serialization=True)
+
+
 def build_tiny_sd_x4_upscaler(dest: Path) -> None:
     """Save a small random-weight stabilityai/stable-diffusion-x4-upscaler to `dest` in diffusers layout."""
-    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -128,8 +199,7 @@ def build_tiny_sd_x4_upscaler(dest: Path) -> None:
     )
 
     tokenizer = _build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with _seeded_weights():
         # gelu: SD 2's text encoder is OpenCLIP's.
         text_encoder = _build_text_encoder(tokenizer, hidden_act="gelu")
         # The real UNet's layout, narrower and one level shallower.
@@ -198,6 +268,23 @@ def build_tiny_sd_x4_upscaler(dest: Path) -> None:
     pipeline.save_pretrained(dest, safe_serialization=True)
 
 
+@contextlib.contextmanager
+def _seeded_weights():
+    """Model constructors draw their weights from the global RNG: seeded here, and the caller's left untouched."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+def _build_vae(vae: dict, **settings):
+    """An AutoencoderKL of tiny-sd's VAE family, shaped by `vae`; it draws its weights from the global RNG."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, layers_per_block=1, latent_channels=4, **settings, **vae)
+
+
 def _rescale_untrained_unet(unet, output_gain: float = 3, text_gain: float = 16) -> None:
     """Rescale random UNet weights so sampling responds to the noise and the prompt like a trained model."""
     import torch
@@ -223,24 +310,25 @@ def _build_tokenizer():
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
 
 
-def _build_text_encoder(tokenizer, hidden_act: str):
-    """A small random CLIP text encoder for `tokenizer`; it draws its weights from the global RNG."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _build_text_encoder(tokenizer, hidden_act: str, with_projection: bool = False, **config):
+    """A small random CLIP text encoder for `tokenizer` (`config` overrides CLIPTextConfig arguments), with a
+    projection of its pooled output if asked; it draws its weights from the global RNG."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            hidden_act=hidden_act,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act=hidden_act,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(CLIPTextConfig(**settings | config))
 
 
 def _write_bpe_files(directory: Path) -> tuple[Path, Path]:
@@ -295,6 +383,7 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny-sd": build_tiny_sd,
+    "tiny-sdxl": build_tiny_sdxl,
     "null-sd": build_null_sd,
     "tiny-sd-x4-upscaler": build_tiny_sd_x4_upscaler,
 }

@@ -18,12 +18,12 @@ import numpy as np
 import ray
 import torch
 
-from renderfarm.actors import exchange, s3, tiled_decode, txt2img, upscale_x4
+from renderfarm.actors import exchange, lora, s3, tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.actors.s3 import S3Target
 from renderfarm.actors.tiles import Tile
 from renderfarm.cluster.constants import MODELS_PER_REPLICA
-from renderfarm.spec import ImageSpec, encode_png
+from renderfarm.spec import ImageSpec, LoraSpec, encode_png
 
 # Uploads of a batch's PNGs to an object store, a few at once.
 _uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload")
@@ -41,6 +41,8 @@ class _Stage:
         self._model_cache_dir = Path(model_cache_dir)
         self._device, self._dtype = pick_device()
         self._loaded: OrderedDict[str, object] = OrderedDict()
+        # A loaded model's LoRA adapters, made when a call first names LoRAs for it.
+        self._adapters: dict[str, lora.Adapters] = {}
         self._model_loads = 0
         self._work_done = 0
         silence_progress_bars()
@@ -57,7 +59,8 @@ class _Stage:
     def _components(self, model: str):
         if model not in self._loaded:
             if len(self._loaded) >= MODELS_PER_REPLICA:
-                self._loaded.popitem(last=False)
+                evicted, _ = self._loaded.popitem(last=False)
+                self._adapters.pop(evicted, None)
             self._loaded[model] = self._load(resolve_model(model, self._model_cache_dir))
             self._model_loads += 1
         self._loaded.move_to_end(model)
@@ -66,53 +69,54 @@ class _Stage:
     def _load(self, model_dir: Path):
         raise NotImplementedError
 
+    def _use_loras(self, model: str, pipeline: str, modules: dict, loras: tuple[LoraSpec, ...]) -> None:
+        """Makes exactly `loras` active on the model's `modules` (by pipeline component name); none: the model alone."""
+        adapters = self._adapters.get(model)
+        if adapters is None:
+            if not loras:
+                return
+            adapters = self._adapters[model] = lora.Adapters(pipeline, modules)
+        adapters.apply([(each.path, each.sha256, each.scale) for each in loras])
+
 
 class TextEncoderStage(_Stage):
-    def _load(self, model_dir: Path):
-        from transformers import CLIPTextModel, CLIPTokenizer
+    def _load(self, model_dir: Path) -> txt2img.TextEncoders:
+        return txt2img.load_text_encoders(model_dir, self._device, self._dtype)
 
-        tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-        encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=self._dtype)
-        return tokenizer, encoder.to(self._device).eval()
-
-    def encode(self, model: str, *texts: str) -> tuple:
-        """One embedding per text, each encoded alone (so batching never changes it), then a marker that the
-        scheduler awaits to learn that the call ended; call with num_returns=len(texts)+1, so each embedding
-        is an object of its own."""
-        tokenizer, encoder = self._components(model)
+    def encode(self, model: str, loras: tuple[LoraSpec, ...], *texts: str) -> tuple:
+        """One TextEmbedding per text (with `loras` applied to the text encoders), each encoded alone (so
+        batching never changes it), then a marker that the scheduler awaits to learn that the call ended;
+        call with num_returns=len(texts)+1, so each embedding is an object of its own."""
+        encoders = self._components(model)
+        # The pipelines' names of the text encoders, the order TextEncoders holds them in.
+        modules = dict(zip(("text_encoder", "text_encoder_2"), encoders.encoders))
+        self._use_loras(model, encoders.pipeline, modules, loras)
         self._work_done += len(texts)
-        return (*(txt2img.encode_text(tokenizer, encoder, text).cpu() for text in texts), True)
+        return (*(txt2img.encode_text(encoders, text).cpu() for text in texts), True)
 
 
 class DenoiserStage(_Stage):
-    def _load(self, model_dir: Path):
-        from diffusers import DDIMScheduler, UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=self._dtype)
-        scheduler_config = DDIMScheduler.load_config(model_dir, subfolder="scheduler")
-        vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
-        return unet.to(self._device).eval(), scheduler_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
+    def _load(self, model_dir: Path) -> txt2img.DenoiseComponents:
+        return txt2img.load_denoiser(model_dir, self._device, self._dtype)
 
     def denoise(
-        self, model: str, batch: txt2img.DenoiseBatch, texts: tuple[int, ...], *embeds: torch.Tensor
+        self, model: str, loras: tuple[LoraSpec, ...], batch: txt2img.DenoiseBatch, texts: tuple[int, ...],
+        *embeds: txt2img.TextEmbedding,
     ) -> torch.Tensor:
-        """`embeds`: the batch's distinct text embeddings; `texts`: for each item's prompt, then (if guided)
-        each item's negative prompt, the index of its embedding among them."""
-        unet, scheduler_config, vae_scale_factor = self._components(model)
+        """`loras`: applied to the UNet; `embeds`: the batch's distinct text embeddings; `texts`: for each item's
+        prompt, then (if guided) each item's negative prompt, the index of its embedding among them."""
         count = len(batch.items)
         per_text = [embeds[index] for index in texts]
-        latents = txt2img.denoise(
-            unet, scheduler_config, vae_scale_factor, batch, per_text[:count], per_text[count : 2 * count]
-        )
+        components = self._components(model)
+        self._use_loras(model, components.pipeline, {"unet": components.unet}, loras)
+        latents = txt2img.denoise(components, batch, per_text[:count], per_text[count : 2 * count])
         self._work_done += count
         return latents.cpu()
 
 
 class DecoderStage(_Stage):
     def _load(self, model_dir: Path):
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=self._dtype).to(self._device).eval()
+        vae = txt2img.load_vae(model_dir, self._device, self._dtype)
         return vae, tiled_decode.segments(vae)
 
     def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec], target: S3Target | None = None,
@@ -174,7 +178,9 @@ class UpscalerStage(_Stage):
     def _load(self, model_dir: Path):
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=self._dtype)
+        unet = UNet2DConditionModel.from_pretrained(
+            model_dir, subfolder="unet", dtype=self._dtype, use_safetensors=True
+        )
         upscale_x4.synchronise_group_norms(unet)
         vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
         return (
@@ -184,11 +190,11 @@ class UpscalerStage(_Stage):
             2 ** (len(vae_config["block_out_channels"]) - 1),
         )
 
-    def upscale(self, model: str, image: bytes, spec, *embeds: torch.Tensor) -> torch.Tensor:
+    def upscale(self, model: str, image: bytes, spec, *embeds: txt2img.TextEmbedding) -> torch.Tensor:
         """The final latents of one image; `embeds`: the prompt's, then (if guided) the negative prompt's."""
         return self._upscale(model, image, spec, embeds, upscale_x4.Share())
 
-    def upscale_part(self, model: str, image: bytes, spec, *embeds: torch.Tensor, spread: Spread):
+    def upscale_part(self, model: str, image: bytes, spec, *embeds: txt2img.TextEmbedding, spread: Spread):
         """This replica's share of an image's windows; call with num_returns=2.
 
         Returns rank 0's latents (None from the other parties, whose latents are the same) and a

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from renderfarm.actors.tiles import Tile, exact_halo, plan_tiles
+from renderfarm.actors.txt2img import unscale_latents
 
 # A tile's activations between segments: the resnet input "x" and, mid-resnet, its branch "h".
 TileState = dict[str, torch.Tensor]
@@ -95,7 +96,7 @@ def prepare(vae: AutoencoderKL, latents: torch.Tensor, tiles: list[Tile]) -> tup
     """The untiled part: conv_in and the mid-block. Returns each tile's input and the first norm's sums."""
     decoder = vae.decoder
     with torch.inference_mode():
-        z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        z = unscale_latents(vae, latents.to(device=vae.device, dtype=vae.dtype))
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
         sample = decoder.mid_block(decoder.conv_in(z), None)

@@ -1,26 +1,39 @@
-"""Text-to-image, stage by stage, written to match StableDiffusionPipeline step for step.
+"""Text-to-image, stage by stage, written to match StableDiffusionPipeline and
+StableDiffusionXLPipeline step for step.
 
 Parity with diffusers (DESIGN.md invariant 2) is by construction: each
-function below does what the pipeline's ``__call__`` does for its stage, in
-the same order and with the same tensors, so at batch 1 on CPU fp32 the
-pixels are identical. Batching adds per-item generators and guidance scales.
+function below does what the model's pipeline's ``__call__`` does for its
+stage, in the same order and with the same tensors, so at batch 1 on CPU fp32
+the pixels are identical. Batching adds per-item generators and guidance scales.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from renderfarm.actors.models import MODEL_INDEX, read_config
 from renderfarm.actors.schedulers import make_scheduler
 from renderfarm.spec import guided
+
+# model_index.json's _class_name of the pipelines whose stages these are; the x4 upscaler's
+# prompts and latents go through the SD functions here too.
+SD_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+# The pipelines that decode with an fp16 model's VAE upcast to fp32 where its config says force_upcast;
+# StableDiffusionPipeline decodes in the model's dtype whatever the config says.
+UPCAST_VAE_PIPELINES = (SDXL_PIPELINE, UPSCALE_PIPELINE)
 
 
 @dataclass(frozen=True)
@@ -46,35 +59,128 @@ class DenoiseBatch:
         return guided(self.items[0].guidance_scale)
 
 
-def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, text: str) -> torch.Tensor:
-    """One prompt's embedding [1, 77, D], encoded alone as the pipeline encodes it."""
-    ids = tokenizer(
-        [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+@dataclass(frozen=True)
+class TextEmbedding:
+    """One text's embedding, as the denoiser takes it. Replicas hand it on through Ray's object store."""
+
+    hidden: torch.Tensor  # [1, 77, D]: the UNet's encoder_hidden_states
+    pooled: torch.Tensor | None = None  # [1, P], SDXL's only: text_encoder_2's projected pooled output
+
+    def cpu(self) -> TextEmbedding:
+        # Ray's object store holds CPU memory.
+        return TextEmbedding(self.hidden.cpu(), None if self.pooled is None else self.pooled.cpu())
+
+
+@dataclass(frozen=True)
+class TextEncoders:
+    """A model's tokenizers and text encoders, paired in the pipeline's order."""
+
+    pipeline: str
+    tokenizers: tuple[CLIPTokenizer, ...]
+    encoders: tuple[CLIPTextModel | CLIPTextModelWithProjection, ...]
+    # The SDXL pipeline's force_zeros_for_empty_prompt: no negative prompt embeds as zeros.
+    zeros_for_empty_prompt: bool
+
+
+@dataclass(frozen=True)
+class DenoiseComponents:
+    """What the scheduler loop needs of a model."""
+
+    pipeline: str
+    unet: UNet2DConditionModel
+    scheduler_config: Mapping
+    vae_scale_factor: int
+
+
+def load_text_encoders(model_dir: Path, device, dtype: torch.dtype) -> TextEncoders:
+    index = _model_index(model_dir)
+    xl = index["_class_name"] == SDXL_PIPELINE
+    pairs = [("tokenizer", "text_encoder", CLIPTextModel)]
+    if xl:
+        pairs.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+    return TextEncoders(
+        pipeline=index["_class_name"],
+        tokenizers=tuple(CLIPTokenizer.from_pretrained(model_dir, subfolder=name) for name, _, _ in pairs),
+        encoders=tuple(
+            model_class.from_pretrained(model_dir, subfolder=name, dtype=dtype, use_safetensors=True).to(device).eval()
+            for _, name, model_class in pairs
+        ),
+        # True is the SDXL pipeline's default, for a model_index.json without the setting.
+        zeros_for_empty_prompt=xl and index.get("force_zeros_for_empty_prompt", True),
+    )
+
+
+def load_denoiser(model_dir: Path, device, dtype: torch.dtype) -> DenoiseComponents:
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype, use_safetensors=True)
+    return DenoiseComponents(
+        pipeline=_model_index(model_dir)["_class_name"],
+        unet=unet.to(device).eval(),
+        # The scheduler's config alone: each batch builds a fresh scheduler of the class it names.
+        scheduler_config=DDIMScheduler.load_config(model_dir, subfolder="scheduler"),
+        vae_scale_factor=vae_scale_factor(read_config(model_dir, "vae")),
+    )
+
+
+def load_vae(model_dir: Path, device, dtype: torch.dtype) -> AutoencoderKL:
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=dtype, use_safetensors=True)
+    pipeline = _model_index(model_dir)["_class_name"]
+    if dtype == torch.float16 and vae.config.force_upcast and pipeline in UPCAST_VAE_PIPELINES:
+        # As those pipelines decode: their VAE overflows in fp16, so it runs in fp32 (the weights as loaded in fp16).
+        vae.to(dtype=torch.float32)
+    return vae.to(device).eval()
+
+
+def encode_text(encoders: TextEncoders, text: str) -> TextEmbedding:
+    """One text's embedding, encoded alone (batch 1) as the model's pipeline encodes a prompt.
+
+    The farm's empty negative prompt is the pipeline's negative_prompt=None: for SD that encodes "", and
+    for an SDXL model with zeros_for_empty_prompt it is zeros. Prompts are never empty.
+    """
+    if encoders.pipeline != SDXL_PIPELINE:
+        return TextEmbedding(_encode_sd(encoders.tokenizers[0], encoders.encoders[0], text))
+    penultimate, pooled = [], None
+    for tokenizer, text_encoder in zip(encoders.tokenizers, encoders.encoders, strict=True):
+        with torch.inference_mode():
+            output = text_encoder(_tokens(tokenizer, text).input_ids.to(text_encoder.device), output_hidden_states=True)
+        # Only the encoder with a projection has a 2-D first output: the pooled embedding.
+        if pooled is None and output[0].ndim == 2:
+            pooled = output[0]
+        penultimate.append(output.hidden_states[-2])
+    hidden = torch.concat(penultimate, dim=-1)
+    if text == "" and encoders.zeros_for_empty_prompt:
+        hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    return TextEmbedding(hidden.to(dtype=encoders.encoders[-1].dtype), pooled)
+
+
+def _encode_sd(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, text: str) -> torch.Tensor:
+    tokens = _tokens(tokenizer, text)
     attention_mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
-        attention_mask = tokenizer(
-            [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).attention_mask.to(text_encoder.device)
+        attention_mask = tokens.attention_mask.to(text_encoder.device)
     with torch.inference_mode():
-        embedding = text_encoder(ids.to(text_encoder.device), attention_mask=attention_mask)[0]
+        embedding = text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=attention_mask)[0]
     return embedding.to(dtype=text_encoder.dtype)
 
 
+def _tokens(tokenizer: CLIPTokenizer, text: str):
+    return tokenizer(
+        [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+
+
 def denoise(
-    unet: UNet2DConditionModel,
-    scheduler_config,
-    vae_scale_factor: int,
+    components: DenoiseComponents,
     batch: DenoiseBatch,
-    prompt_embeds: Sequence[torch.Tensor],
-    negative_embeds: Sequence[torch.Tensor],
+    prompt_embeds: Sequence[TextEmbedding],
+    negative_embeds: Sequence[TextEmbedding],
 ) -> torch.Tensor:
     """The whole scheduler loop in one call; returns the final latents [B, C, h, w]."""
+    unet, vae_scale_factor = components.unet, components.vae_scale_factor
     device, dtype = unet.device, unet.dtype
-    scheduler = make_scheduler(batch.scheduler, scheduler_config)
-    embeds = torch.cat([e.to(device=device, dtype=dtype) for e in prompt_embeds])
-    if batch.guided:
-        embeds = torch.cat([torch.cat([e.to(device=device, dtype=dtype) for e in negative_embeds]), embeds])
+    scheduler = make_scheduler(batch.scheduler, components.scheduler_config)
+    # Unconditional rows first, as the pipelines concatenate them.
+    texts = [*negative_embeds, *prompt_embeds] if batch.guided else list(prompt_embeds)
+    embeds = torch.cat([e.hidden.to(device=device, dtype=dtype) for e in texts])
     scheduler.set_timesteps(batch.steps, device=device)
     timesteps = scheduler.timesteps
 
@@ -85,11 +191,24 @@ def denoise(
     step_kwargs = scheduler_step_kwargs(scheduler, generators)
     guidance = _guidance(batch, device, dtype)
 
+    added_cond_kwargs = None
+    if components.pipeline == SDXL_PIPELINE:
+        # The pipeline's defaults: original_size = target_size = (height, width), crops_coords_top_left = (0, 0).
+        time_ids = [batch.height, batch.width, 0, 0, batch.height, batch.width]
+        added_cond_kwargs = {
+            "text_embeds": torch.cat([e.pooled.to(device=device, dtype=dtype) for e in texts]),
+            "time_ids": torch.tensor([time_ids], dtype=dtype, device=device).repeat(len(texts), 1),
+        }
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+
     with torch.inference_mode():
         for t in timesteps:
             model_input = torch.cat([latents] * 2) if batch.guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            noise_pred = unet(
+                model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False
+            )[0]
             if batch.guided:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
@@ -119,11 +238,26 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> list[PIL.Image.Image]:
     """Latents to images, through the pipeline's own post-processing."""
     latents = latents.to(device=vae.device, dtype=vae.dtype)
     with torch.inference_mode():
-        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-    return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae)).postprocess(
+        images = vae.decode(unscale_latents(vae, latents), return_dict=False)[0]
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae.config)).postprocess(
         images, output_type="pil", do_denormalize=[True] * images.shape[0]
     )
 
 
-def vae_scale_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def unscale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """The denoiser's latents as the VAE decodes them: denormalised with the VAE's latents_mean and latents_std
+    where its config has both (as the SDXL pipeline does), else divided by its scaling factor."""
+    config = vae.config
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        return latents * std / config.scaling_factor + mean
+    return latents / config.scaling_factor
+
+
+def vae_scale_factor(vae_config: Mapping) -> int:
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def _model_index(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / MODEL_INDEX).read_text(encoding="utf-8"))

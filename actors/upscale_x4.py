@@ -55,8 +55,8 @@ def upscale_latents(
     scheduler: SchedulerMixin,
     low_res_scheduler: DDPMScheduler,
     image: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
+    prompt_embeds: txt2img.TextEmbedding,
+    negative_embeds: txt2img.TextEmbedding | None,
     steps: int,
     guidance_scale: float,
     noise_level: int,
@@ -78,11 +78,11 @@ def upscale_latents(
     """
     device = unet.device
     # The pipeline keeps the image and the latents in the text encoder's dtype.
-    dtype = prompt_embeds.dtype
+    dtype = prompt_embeds.hidden.dtype
     with_guidance = guided(guidance_scale)
-    embeds = prompt_embeds.to(device=device)
+    embeds = prompt_embeds.hidden.to(device=device)
     if with_guidance:
-        embeds = torch.cat([negative_embeds.to(device=device, dtype=dtype), embeds])
+        embeds = torch.cat([negative_embeds.hidden.to(device=device, dtype=dtype), embeds])
 
     with torch.inference_mode():
         image = image.to(device=device, dtype=dtype)

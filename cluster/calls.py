@@ -19,6 +19,7 @@ from renderfarm.actors.s3 import S3Target, StoredImage
 from renderfarm.actors.tiles import plan_tiles
 from renderfarm.actors.txt2img import DenoiseBatch
 from renderfarm.cluster.model_info import ModelInfo
+from renderfarm.spec import LoraSpec
 
 
 class StageContractError(RuntimeError):
@@ -54,13 +55,15 @@ def abort_session(exchange, session: str, why: str) -> None:
     exchange.abort.remote(session, why)
 
 
-def encode(actor, model: str, texts: Sequence[str]) -> tuple[list, object]:
-    """One embedding ref per text, and a marker that resolves when the call has ended."""
-    *embeddings, done = actor.encode.options(num_returns=len(texts) + 1).remote(model, *texts)
+def encode(actor, model: str, loras: Sequence[LoraSpec], texts: Sequence[str]) -> tuple[list, object]:
+    """One embedding ref per text (with `loras` applied to the text encoders), and a marker that resolves
+    when the call has ended."""
+    *embeddings, done = actor.encode.options(num_returns=len(texts) + 1).remote(model, tuple(loras), *texts)
     return embeddings, done
 
 
-def denoise(actor, model: str, batch: DenoiseBatch, prompt_embeds: Sequence, negative_embeds: Sequence):
+def denoise(actor, model: str, loras: Sequence[LoraSpec], batch: DenoiseBatch, prompt_embeds: Sequence,
+            negative_embeds: Sequence):  # fmt: skip
     """The latents ref [B, C, h, w].
 
     Each distinct embedding ref goes once, with each text's index among them: a batch's items mostly
@@ -72,7 +75,7 @@ def denoise(actor, model: str, batch: DenoiseBatch, prompt_embeds: Sequence, neg
         )
     refs = [*prompt_embeds, *negative_embeds]
     distinct = {ref: index for index, ref in enumerate(dict.fromkeys(refs))}
-    return actor.denoise.remote(model, batch, tuple(distinct[ref] for ref in refs), *distinct)
+    return actor.denoise.remote(model, tuple(loras), batch, tuple(distinct[ref] for ref in refs), *distinct)
 
 
 async def decode(actor, model: str, latents, specs: Sequence, target: S3Target | None = None,

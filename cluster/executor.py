@@ -43,12 +43,13 @@ from renderfarm.cluster.constants import (
     TEXT_CACHE_ENTRIES,
     UPSCALE_FACTOR,
 )
+from renderfarm.cluster.kinds.sweep import applied_loras
 from renderfarm.cluster.kinds.upscale import UpscaleSettings
 from renderfarm.cluster.model_info import model_info
 from renderfarm.cluster.results import ResultStore
 from renderfarm.cluster.scheduler import Batch, Item, Scheduler
 from renderfarm.cluster.stats import STAGES, FarmStats, ReplicaStats, StageStats
-from renderfarm.spec import guided
+from renderfarm.spec import ImageSpec, LoraSpec, guided
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,11 @@ class Executor:
             scheduler=first.scheduler,
             items=tuple(DenoiseItem(seed=s.seed, guidance_scale=s.guidance_scale) for s in padded),
         )
-        prompts = await self._embed(model, [s.prompt for s in padded])
-        negatives = await self._embed(model, [s.negative_prompt for s in padded]) if denoise_batch.guided else []
-        latents = calls.denoise(actor, model, denoise_batch, prompts, negatives)
+        # Items share their key, so their LoRAs too.
+        loras = applied_loras(first)
+        prompts = await self._embed(model, loras, [s.prompt for s in padded])
+        negatives = await self._embed(model, loras, [s.negative_prompt for s in padded]) if denoise_batch.guided else []
+        latents = calls.denoise(actor, model, loras, denoise_batch, prompts, negatives)
         upscale: UpscaleSettings | None = items[0].payload
         if upscale is not None:
             await self._upscale_chained(items, latents, upscale, record)
@@ -220,24 +223,25 @@ class Executor:
         finally:
             self._scheduler.release(stage, index)
 
-    async def _embed(self, model: str, texts: list[str]) -> list[ray.ObjectRef]:
+    async def _embed(self, model: str, loras: tuple[LoraSpec, ...], texts: list[str]) -> list[ray.ObjectRef]:
         """Each text's embedding ref: from the cache, else encoded, the missing ones in one encoder call."""
-        missing = [text for text in dict.fromkeys(texts) if (model, text) not in self._embeddings]
-        self._text_cache_hits += len(set(texts)) - len(missing)
+        keys = {text: _text_key(model, loras, text) for text in texts}
+        missing = [text for text, key in keys.items() if key not in self._embeddings]
+        self._text_cache_hits += len(keys) - len(missing)
         if missing:
             index = self._scheduler.pick("encoder", model)
             self._batches["encoder"] += 1
             self._batch_sizes["encoder"][len(missing)] += 1
-            refs, done = calls.encode(self._pools["encoder"].actors[index], model, missing)
+            refs, done = calls.encode(self._pools["encoder"].actors[index], model, loras, missing)
             for text, ref in zip(missing, refs, strict=True):
-                self._embeddings[model, text] = ref
+                self._embeddings[keys[text]] = ref
             while len(self._embeddings) > TEXT_CACHE_ENTRIES:
                 self._embeddings.popitem(last=False)
             # Counted on its replica until the call ends, without pulling the embeddings here.
             asyncio.ensure_future(done).add_done_callback(lambda ended: self._encoded(ended, index))
-        for text in texts:
-            self._embeddings.move_to_end((model, text))
-        return [self._embeddings[model, text] for text in texts]
+        for key in keys.values():
+            self._embeddings.move_to_end(key)
+        return [self._embeddings[keys[text]] for text in texts]
 
     def _encoded(self, ended: asyncio.Future, index: int) -> None:
         self._scheduler.release("encoder", index)
@@ -247,8 +251,9 @@ class Executor:
     def forget_texts(self, batch: Batch) -> None:
         """After a failure the batch's cached embeddings may be what failed (lost with a node): encode afresh."""
         for item in batch.items:
+            loras = applied_loras(item.spec) if isinstance(item.spec, ImageSpec) else ()
             for text in (getattr(item.spec, "prompt", None), getattr(item.spec, "negative_prompt", None)):
-                self._embeddings.pop((item.model, text), None)
+                self._embeddings.pop(_text_key(item.model, loras, text), None)
 
     def _tiled(self, spec) -> bool:
         return spec.width * spec.height > self._config.tiled_decode_above_pixels
@@ -278,7 +283,7 @@ class Executor:
         """Upscales one image (encoded bytes, or a ref to them) of `item` starting on replica `first`; returns the
         4x PNG (bytes, or its StoredImage in an object store)."""
         texts = [spec.prompt] + ([spec.negative_prompt] if guided(spec.guidance_scale) else [])
-        embeds = await self._embed(spec.model, texts)
+        embeds = await self._embed(spec.model, (), texts)
         info = self._info(spec.model)
         windows = tile_windows(spec.height // UPSCALE_FACTOR, spec.width // UPSCALE_FACTOR, spec.tile, info.unet_alignment)
         actors = self._pools["upscaler"].actors
@@ -372,6 +377,11 @@ class Executor:
         if self._exchange is not None:
             exchange = ray.get(calls.exchange_stats(self._exchange))
         return FarmStats(view, self._text_cache_hits, *exchange)
+
+
+def _text_key(model: str, loras: tuple[LoraSpec, ...], text: str) -> tuple:
+    """What a text's embedding is a function of: the model, the LoRAs (by content and scale), the text."""
+    return model, tuple((lora.sha256, lora.scale) for lora in loras), text
 
 
 def _cluster_view() -> tuple[bool, set[str]]:

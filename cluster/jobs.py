@@ -29,7 +29,7 @@ from pathlib import Path
 
 from renderfarm._wire import JobState
 from renderfarm.actors.s3 import StoredImage
-from renderfarm.spec import AnySpec, DecodedImageSpec, UpscaledImageSpec, spec_from_json
+from renderfarm.spec import AnySpec, DecodedImageSpec, ImageSpec, UpscaledImageSpec, spec_from_json
 from renderfarm.v1 import farm_pb2 as pb
 
 STATE_TO_PB = {
@@ -123,9 +123,13 @@ def result_to_pb(spec: AnySpec, name: str, stored: StoredImage | None = None) ->
     if isinstance(spec, DecodedImageSpec):
         return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name, **digest)
     if isinstance(spec, UpscaledImageSpec):
-        fields = vars(spec) | {"source": None if spec.source is None else pb.ImageSpec(**vars(spec.source))}
+        fields = vars(spec) | {"source": None if spec.source is None else _image_spec_to_pb(spec.source)}
         return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**fields), name=name, **digest)
-    return pb.ImageResult(spec=pb.ImageSpec(**vars(spec)), name=name, **digest)
+    return pb.ImageResult(spec=_image_spec_to_pb(spec), name=name, **digest)
+
+
+def _image_spec_to_pb(spec: ImageSpec) -> pb.ImageSpec:
+    return pb.ImageSpec(**vars(spec) | {"loras": [pb.Lora(**vars(lora)) for lora in spec.loras or ()]})
 
 
 def item_key(spec: AnySpec) -> str:

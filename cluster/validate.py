@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from collections.abc import Callable
 
@@ -30,18 +31,34 @@ def check_id(field: str, value: str) -> None:
         raise invalid(field, f"must be 1 to 64 letters, digits, '_' or '-' (got {value[:80]!r})")
 
 
-def model(field: str, model: str, model_info: ModelLookup) -> ModelInfo:
+def model(field: str, model: str, model_info: ModelLookup, pipelines: tuple[str, ...] | None = None) -> ModelInfo:
+    """The model's info; with `pipelines`, the model must be one of those diffusers pipeline classes."""
     if not model:
         raise invalid(field, "must name a model, e.g. builtin:tiny-sd")
-    if len(model) > MAX_MODEL_REF_CHARS:
-        raise invalid(field, f"{len(model)} characters is over the limit of {MAX_MODEL_REF_CHARS}")
-    # A reference names a model directory itself, never a way out of one: refused before any file is looked at.
-    if ".." in re.split(r"[/:]", model) or "\\" in model or any(ord(c) < 32 for c in model):
-        raise invalid(field, "must not hold '..' path segments, backslashes or control characters")
+    _reference(field, model)
     try:
-        return model_info(model)
+        info = model_info(model)
     except ValueError as error:
         raise invalid(field, str(error)) from None
+    if pipelines is not None and info.pipeline not in pipelines:
+        raise invalid(field, f"{model} is a {info.pipeline}; this takes a {' or '.join(pipelines)}")
+    return info
+
+
+def file_path(field: str, path: str) -> str:
+    """A file the farm's workers read (a LoRA), absolute: relative to the scheduler's working directory."""
+    if not path:
+        raise invalid(field, "must name a file")
+    _reference(field, path)
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _reference(field: str, reference: str) -> None:
+    if len(reference) > MAX_MODEL_REF_CHARS:
+        raise invalid(field, f"{len(reference)} characters is over the limit of {MAX_MODEL_REF_CHARS}")
+    # A reference names a file or directory itself, never a way out of one: refused before any file is looked at.
+    if ".." in re.split(r"[/:]", reference) or "\\" in reference or any(ord(c) < 32 for c in reference):
+        raise invalid(field, "must not hold '..' path segments, backslashes or control characters")
 
 
 def given(message, field: str):

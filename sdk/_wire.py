@@ -35,7 +35,7 @@ from renderfarm.errors import (
     PermissionDeniedError,
     RenderfarmError,
 )
-from renderfarm.spec import AnySpec, DecodedImageSpec, ImageSpec, UpscaledImageSpec
+from renderfarm.spec import AnySpec, DecodedImageSpec, ImageSpec, LoraSpec, UpscaledImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 
@@ -187,7 +187,11 @@ def sweep_request(
     height,
     negative_prompt: str,
     scheduler,
-    model: str,
+    model,
+    models=None,
+    loras=None,
+    lora_scales=None,
+    lora_sets=None,
     upscale: int | None = None,
     upscale_model: str = DEFAULT_UPSCALER,
     upscale_noise_level: int | None = None,
@@ -202,8 +206,12 @@ def sweep_request(
     widths, heights = axis(width, "width"), axis(height, "height")
     if bool(widths) != bool(heights):
         raise InvalidJobError("width and height: give both or neither", field="width")
+    names = _texts(axis(models, "models") or axis(model, "model"), "models" if models is not None else "model")
     sweep = pb.SweepSpec(
-        model=model,
+        # One model travels as `model`, so that a farm without the models axis takes it.
+        model=names[0] if len(names) == 1 else "",
+        models=names if len(names) > 1 else [],
+        lora_sets=_lora_sets(loras, lora_scales, lora_sets),
         prompts=prompts,
         negative_prompt=_texts([negative_prompt or ""], "negative_prompt")[0],
         seeds=_integers(axis(seeds, "seeds"), "seeds"),
@@ -221,6 +229,39 @@ def sweep_request(
             upscale_guidance_scale=upscale_guidance_scale,
         )
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep, priority=priority)
+
+
+def _lora_sets(loras, lora_scales, lora_sets) -> list[pb.LoraSet]:
+    """The LoRA axis: `lora_sets` as given; or one set, `loras`; or one LoRA at each of `lora_scales`."""
+    if lora_sets is not None:
+        if loras is not None or lora_scales is not None:
+            raise InvalidJobError("lora_sets: give lora_sets, or loras (and lora_scales), not both", field="lora_sets")
+        return [pb.LoraSet(loras=_loras(each, f"lora_sets[{i}]")) for i, each in enumerate(axis(lora_sets, "lora_sets"))]
+    given = _loras(loras or [], "loras")
+    if lora_scales is None:
+        return [pb.LoraSet(loras=given)] if given else []
+    if len(given) != 1:
+        raise InvalidJobError(
+            f"lora_scales: sweeps the scale of one LoRA, so loras must hold exactly one (it holds {len(given)})",
+            field="lora_scales",
+        )
+    scales = _reals(axis(lora_scales, "lora_scales"), "lora_scales")
+    return [pb.LoraSet(loras=[pb.Lora(path=given[0].path, scale=scale)]) for scale in scales]
+
+
+def _loras(values, name: str) -> list[pb.Lora]:
+    """Each LoRA as a path (scale 1) or a (path, scale) pair."""
+    pairs = []
+    for index, value in enumerate(values):
+        path, scale = (value, 1.0) if isinstance(value, (str, os.PathLike)) else (None, None)
+        if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], (str, os.PathLike)):
+            path, scale = value
+        if path is None or isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            field = f"{name}[{index}]"
+            raise InvalidJobError(f"{field}: must be a path or a (path, scale) pair (got {value!r})", field=field)
+        pairs.append((os.fspath(path), float(scale)))
+    paths = _texts([path for path, _ in pairs], name)
+    return [pb.Lora(path=path, scale=scale) for path, (_, scale) in zip(paths, pairs)]
 
 
 def decode_request(
@@ -286,7 +327,8 @@ def job_status(job: pb.Job) -> JobStatus:
 
 
 def image_spec(spec: pb.ImageSpec) -> ImageSpec:
-    return ImageSpec(**_fields(spec))
+    loras = tuple(LoraSpec(path=lora.path, sha256=lora.sha256, scale=lora.scale) for lora in spec.loras)
+    return ImageSpec(**_fields(spec) | {"loras": loras or None})
 
 
 def result(message: pb.ImageResult) -> Result:

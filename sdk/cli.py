@@ -36,6 +36,17 @@ def parse_floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """'PATH:SCALE' -> (PATH, SCALE); a bare PATH has scale 1. The last ':' splits, so paths may hold colons."""
+    path, colon, scale = text.rpartition(":")
+    if not colon:
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return text, 1.0  # a colon in the path, no scale
+
+
 def parse_names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -160,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--height", type=parse_ints, help="default: the model's native size")
     sweep.add_argument("--negative", default="", help="the negative prompt")
     sweep.add_argument("--scheduler", type=parse_names, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m (default: the model's)")
-    sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"builtin:NAME, a diffusers directory, s3://BUCKET/PREFIX/ or a HF repo id (default {DEFAULT_MODEL})")
+    sweep.add_argument("--model", action="append", help=f"builtin:NAME, a diffusers directory, s3://BUCKET/PREFIX/ or a HF repo id; repeat it for a models axis (default {DEFAULT_MODEL})")
+    sweep.add_argument("--lora", type=parse_lora, action="append", metavar="PATH[:SCALE]", help="a LoRA (.safetensors on the farm's file system) applied to every image (repeatable: applied together; scale default 1)")
+    sweep.add_argument("--lora-scales", type=parse_floats, help="with one --lora: its scale as an axis, e.g. 0,0.5,1")
     sweep.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
     _add_client_options(sweep, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
     sweep.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
@@ -340,7 +353,9 @@ def _sweep(args) -> int:
             height=args.height,
             negative_prompt=args.negative,
             scheduler=args.scheduler,
-            model=args.model,
+            model=args.model or DEFAULT_MODEL,
+            loras=args.lora,
+            lora_scales=args.lora_scales,
             upscale=args.upscale,
             upscale_model=args.upscale_model,
             upscale_noise_level=args.upscale_noise_level,

@@ -88,7 +88,11 @@ class Client:
         height=None,
         negative_prompt: str = "",
         scheduler=None,
-        model: str = DEFAULT_MODEL,
+        model=DEFAULT_MODEL,
+        models=None,
+        loras=None,
+        lora_scales=None,
+        lora_sets=None,
         upscale: int | None = None,
         upscale_model: str = DEFAULT_UPSCALER,
         upscale_noise_level: int | None = None,
@@ -101,7 +105,16 @@ class Client:
         """Renders every combination of the given axes; each may be a scalar or a list.
 
         Unset axes take the farm's defaults: guidance 7.5, 50 steps, the model's
-        native size and its own scheduler. With ``upscale=4`` each image goes on through
+        native size and its own scheduler. `models` (or a list as `model`) makes models an axis:
+        each model's images run together, so replicas load each model once.
+
+        LoRA adapters (safetensors files on the farm's file system, relative paths from where the
+        scheduler runs): ``loras=[path or (path, scale), ...]`` applies them together to every image;
+        with one LoRA, ``lora_scales=[0, 0.5, 1]`` makes its scale an axis; ``lora_sets=[[...], [...]]``
+        makes whole sets one (an empty set is the model alone). Each result's spec records every
+        LoRA's SHA-256 and scale.
+
+        With ``upscale=4`` each image goes on through
         the x4 upscaler inside the farm (its prompt, negative prompt and seed; the other
         settings as in upscale(), prefixed ``upscale_``), and the results are the 4x images.
 
@@ -119,6 +132,10 @@ class Client:
             negative_prompt=negative_prompt,
             scheduler=scheduler,
             model=model,
+            models=models,
+            loras=loras,
+            lora_scales=lora_scales,
+            lora_sets=lora_sets,
             upscale=upscale,
             upscale_model=upscale_model,
             upscale_noise_level=upscale_noise_level,

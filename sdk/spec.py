@@ -36,11 +36,7 @@ class _Spec:
         """The spec as plain data; unset optional fields are left out, so older specs keep their JSON."""
         # vars() rather than dataclasses.asdict, which deep-copies every value: a spec's fields are
         # immutable scalars, or a nested spec.
-        return {
-            name: value.fields() if isinstance(value, _Spec) else value
-            for name, value in vars(self).items()
-            if value is not None
-        }
+        return {name: _plain(value) for name, value in vars(self).items() if value is not None}
 
     def to_json(self) -> str:
         return _canonical_json(self)
@@ -52,6 +48,14 @@ class _Spec:
 
     def _name_stem(self) -> str:
         raise NotImplementedError
+
+
+def _plain(value):
+    if isinstance(value, _Spec):
+        return value.fields()
+    if isinstance(value, tuple):
+        return [_plain(element) for element in value]
+    return value
 
 
 # Specs are frozen and hashable, so their JSON and name are computed once for the many times the farm's
@@ -74,6 +78,20 @@ def _slug(prompt: str) -> str:
 
 
 @dataclass(frozen=True)
+class LoraSpec(_Spec):
+    """One LoRA adapter an image was rendered with: its file (by path and content) and its scale."""
+
+    path: str
+    sha256: str
+    scale: float
+
+    @property
+    def name(self) -> str:
+        """What AUTOMATIC1111 calls it: the file's stem."""
+        return Path(self.path).stem
+
+
+@dataclass(frozen=True)
 class ImageSpec(_Spec):
     """Everything a generated image is a function of (DESIGN.md invariant 1)."""
 
@@ -86,6 +104,13 @@ class ImageSpec(_Spec):
     steps: int
     guidance_scale: float
     scheduler: str
+    # The LoRA adapters applied together, in order; None for none (so specs without keep their JSON).
+    loras: tuple[LoraSpec, ...] | None = None
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> ImageSpec:
+        loras = fields.pop("loras", None)
+        return cls(**fields, loras=None if loras is None else tuple(LoraSpec(**lora) for lora in loras))
 
     def _name_stem(self) -> str:
         return f"{_slug(self.prompt)}-{self.seed}"
@@ -94,13 +119,16 @@ class ImageSpec(_Spec):
         return "\n".join(self._a1111_lines())
 
     def _a1111_lines(self) -> list[str]:
-        lines = [self.prompt]
+        # AUTOMATIC1111 names a LoRA in the prompt, and its hash in "Lora hashes" (the first 12 hex digits).
+        loras = self.loras or ()
+        lines = [" ".join([self.prompt, *(f"<lora:{lora.name}:{lora.scale:g}>" for lora in loras)])]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         sampler = SCHEDULER_LABELS.get(self.scheduler, self.scheduler)
         lines.append(
             f"Steps: {self.steps}, Sampler: {sampler}, CFG scale: {self.guidance_scale:g}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
+            + (f', Lora hashes: "{", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in loras)}"' if loras else "")
         )
         return lines
 
@@ -179,8 +207,8 @@ def spec_from_json(text: str) -> AnySpec:
         return DecodedImageSpec(**fields)
     if "source_sha256" in fields:
         source = fields.pop("source", None)
-        return UpscaledImageSpec(**fields, source=None if source is None else ImageSpec(**source))
-    return ImageSpec(**fields)
+        return UpscaledImageSpec(**fields, source=None if source is None else ImageSpec.from_fields(source))
+    return ImageSpec.from_fields(fields)
 
 
 def encode_png(image: Image.Image, spec: AnySpec) -> bytes:

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from renderfarm.actors.lora import ADAPTERS_PER_MODEL, lora_digest
 from renderfarm.cluster import validate as fields
 from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.constants import (
@@ -25,19 +26,30 @@ from renderfarm.cluster.constants import (
 )
 from renderfarm.cluster.kinds import upscale
 from renderfarm.cluster.kinds.upscale import UpscaleSettings
+from renderfarm.cluster.model_info import TEXT_TO_IMAGE
 from renderfarm.cluster.scheduler import Item
 from renderfarm.cluster.validate import ModelLookup
-from renderfarm.spec import SCHEDULER_LABELS, ImageSpec, guided
+from renderfarm.spec import SCHEDULER_LABELS, ImageSpec, LoraSpec, guided
 from renderfarm.v1 import farm_pb2 as pb
 
 STAGE = "denoiser"
 
 
 @dataclass(frozen=True)
-class Sweep:
-    """A validated prompt sweep: every axis non-empty, every value in range."""
+class SweepModel:
+    """One model of a sweep, with the size and scheduler its images take where the sweep sets none."""
 
-    model: str
+    name: str
+    size: tuple[int, int]
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated prompt sweep: every axis non-empty (sizes and schedulers: empty means each model's own),
+    every value in range."""
+
+    models: tuple[SweepModel, ...]
     prompts: tuple[str, ...]
     negative_prompt: str
     seeds: tuple[int, ...]
@@ -45,6 +57,8 @@ class Sweep:
     steps: tuple[int, ...]
     sizes: tuple[tuple[int, int], ...]
     schedulers: tuple[str, ...]
+    # Each set applied together; None: no LoRA.
+    lora_sets: tuple[tuple[LoraSpec, ...] | None, ...] = (None,)
     # Each image goes on through the x4 upscaler, and only the 4x images are results.
     upscale: UpscaleSettings | None = None
     # The farm's batching limits: see batch_shape.
@@ -53,36 +67,42 @@ class Sweep:
 
     def __post_init__(self):
         # A repeated axis value would repeat images: each spec is one result, once.
-        for axis in ("prompts", "seeds", "guidance_scales", "steps", "sizes", "schedulers"):
+        for axis in ("models", "lora_sets", "prompts", "seeds", "guidance_scales", "steps", "sizes", "schedulers"):
             object.__setattr__(self, axis, tuple(dict.fromkeys(getattr(self, axis))))
 
     @property
     def total(self) -> int:
-        return math.prod(
-            len(axis)
-            for axis in (self.prompts, self.seeds, self.guidance_scales, self.steps, self.sizes, self.schedulers)
-        )
+        axes = (self.models, self.lora_sets, self.prompts, self.seeds, self.guidance_scales, self.steps)
+        return math.prod(len(axis) for axis in axes) * (len(self.sizes) or 1) * (len(self.schedulers) or 1)
+
+    def image_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Every (width, height) the sweep renders at."""
+        return self.sizes or tuple(dict.fromkeys(model.size for model in self.models))
 
     def specs(self) -> Iterator[ImageSpec]:
-        """Every image of the sweep once, lazily; loop-shaping axes outermost."""
+        """Every image of the sweep once, lazily. Models outermost, so that a model's images run together and
+        replicas load each model once; then the other loop-shaping axes, so batches fill."""
         # Guided and unguided items cannot share a batch (batch_key): each kind's scales run together.
         by_guidance = [
             scales for kind in (False, True) if (scales := [g for g in self.guidance_scales if guided(g) == kind])
         ]
-        for (width, height), steps, scheduler, scales in itertools.product(self.sizes, self.steps, self.schedulers, by_guidance):
-            for prompt, seed, guidance_scale in itertools.product(self.prompts, self.seeds, scales):
-                yield ImageSpec(
-                    model=self.model,
-                    prompt=prompt,
-                    negative_prompt=self.negative_prompt,
-                    seed=seed,
-                    width=width,
-                    height=height,
-                    steps=steps,
-                    guidance_scale=guidance_scale,
-                    scheduler=scheduler,
-                )
-
+        for model in self.models:
+            sizes, schedulers = self.sizes or (model.size,), self.schedulers or (model.scheduler,)
+            shaping = itertools.product(self.lora_sets, sizes, self.steps, schedulers, by_guidance)
+            for loras, (width, height), steps, scheduler, scales in shaping:
+                for prompt, seed, guidance_scale in itertools.product(self.prompts, self.seeds, scales):
+                    yield ImageSpec(
+                        model=model.name,
+                        prompt=prompt,
+                        negative_prompt=self.negative_prompt,
+                        seed=seed,
+                        width=width,
+                        height=height,
+                        steps=steps,
+                        guidance_scale=guidance_scale,
+                        scheduler=scheduler,
+                        loras=loras,
+                    )
 
     def items(self, job) -> Iterator[Item]:
         """The images `job` (its record in the job store) has no result for yet, lazily."""
@@ -92,9 +112,15 @@ class Sweep:
                 yield Item(job.id, spec, spec.model, key, self.upscale, job.failures(spec), shape=shape)
 
 
+def applied_loras(spec: ImageSpec) -> tuple[LoraSpec, ...]:
+    """The LoRAs that change an image: one at scale 0 leaves the model as it is, so it is not applied."""
+    return tuple(lora for lora in spec.loras or () if lora.scale != 0)
+
+
 def batch_key(spec: ImageSpec) -> tuple:
     """Items with equal keys can share one denoising loop."""
-    return (spec.model, spec.width, spec.height, spec.steps, spec.scheduler, guided(spec.guidance_scale))
+    loras = tuple((lora.sha256, lora.scale) for lora in applied_loras(spec))
+    return (spec.model, loras, spec.width, spec.height, spec.steps, spec.scheduler, guided(spec.guidance_scale))
 
 
 def batch_shape(spec: ImageSpec, max_batch: int, max_batch_pixels: int) -> int:
@@ -120,7 +146,10 @@ def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) ->
     if len(sweep.prompts) > limits.max_prompts_per_job:
         raise fields.invalid("sweep.prompts", f"{len(sweep.prompts)} prompts is over the limit of {limits.max_prompts_per_job}")
     # Counted from the axes' lengths before any value is read, so a sweep of billions is refused at once.
-    axes = (sweep.prompts, sweep.seeds, sweep.guidance_scales, sweep.steps, sweep.sizes, sweep.schedulers)
+    axes = (
+        sweep.models, sweep.lora_sets, sweep.prompts, sweep.seeds, sweep.guidance_scales, sweep.steps, sweep.sizes,
+        sweep.schedulers,
+    )  # fmt: skip
     total = math.prod(len(axis) or 1 for axis in axes)
     if total > limits.max_images_per_job:
         raise fields.invalid("sweep", f"{total} images is over the limit of {limits.max_images_per_job} per job")
@@ -157,23 +186,60 @@ def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) ->
                 )
         fields.pixels(f"sweep.sizes[{i}]", size.width, size.height, limits)
 
-    defaults = fields.model("sweep.model", sweep.model, model_info)
-    if not sweep.schedulers and defaults.scheduler not in SCHEDULER_LABELS:
-        raise fields.invalid(
-            "sweep.schedulers",
-            f"the model's own scheduler {defaults.scheduler} is not supported; name one of {sorted(SCHEDULER_LABELS)}",
-        )
-
     return Sweep(
-        model=sweep.model,
+        models=_models(sweep, model_info),
         prompts=prompts,
         negative_prompt=sweep.negative_prompt,
         seeds=seeds,
         guidance_scales=guidance_scales,
         steps=steps,
-        sizes=tuple((s.width, s.height) for s in sweep.sizes) or ((defaults.width, defaults.height),),
-        schedulers=tuple(sweep.schedulers) or (defaults.scheduler,),
+        sizes=tuple((s.width, s.height) for s in sweep.sizes),
+        schedulers=tuple(sweep.schedulers),
+        lora_sets=_lora_sets(sweep),
     )
+
+
+def _models(sweep: pb.SweepSpec, model_info: ModelLookup) -> tuple[SweepModel, ...]:
+    if sweep.models and sweep.model:
+        raise fields.invalid("sweep.models", "give model or models, not both")
+    named = [(f"sweep.models[{i}]", name) for i, name in enumerate(sweep.models)] or [("sweep.model", sweep.model)]
+    models = []
+    for field, name in named:
+        info = fields.model(field, name, model_info, pipelines=TEXT_TO_IMAGE)
+        if not sweep.schedulers and info.scheduler not in SCHEDULER_LABELS:
+            raise fields.invalid(
+                "sweep.schedulers",
+                f"the own scheduler of {name}, {info.scheduler}, is not supported; name one of {sorted(SCHEDULER_LABELS)}",
+            )
+        models.append(SweepModel(name, (info.width, info.height), info.scheduler))
+    return tuple(models)
+
+
+def _lora_sets(sweep: pb.SweepSpec) -> tuple[tuple[LoraSpec, ...] | None, ...]:
+    """Each set's LoRAs with their files' digests (the spec names a LoRA by content); an empty set is None."""
+    sets = []
+    for i, lora_set in enumerate(sweep.lora_sets):
+        # A replica holds a set's adapters at once.
+        if len(lora_set.loras) > ADAPTERS_PER_MODEL:
+            raise fields.invalid(
+                f"sweep.lora_sets[{i}]", f"{len(lora_set.loras)} LoRAs is over the limit of {ADAPTERS_PER_MODEL}"
+            )
+        loras = []
+        for j, lora in enumerate(lora_set.loras):
+            field = f"sweep.lora_sets[{i}].loras[{j}]"
+            if not math.isfinite(lora.scale):
+                raise fields.invalid(f"{field}.scale", f"must be a finite number (got {lora.scale})")
+            path = fields.file_path(f"{field}.path", lora.path)
+            try:
+                digest = lora_digest(path)
+            except ValueError as error:
+                raise fields.invalid(f"{field}.path", str(error)) from None
+            if any(earlier.sha256 == digest for earlier in loras):
+                raise fields.invalid(f"{field}.path", "is a LoRA this set already holds; give it once, with one scale")
+            # -0.0 as 0.0, as guidance scales: the spec must not tell apart what renders alike.
+            loras.append(LoraSpec(path=path, sha256=digest, scale=lora.scale + 0.0))
+        sets.append(tuple(loras) or None)
+    return tuple(sets) or (None,)
 
 
 def _chained_upscale(
@@ -190,7 +256,7 @@ def _chained_upscale(
         model_info,
     )  # fmt: skip
     max_side = config.limits.max_side
-    for width, height in sweep.sizes:
+    for width, height in sweep.image_sizes():
         if max(width, height) * UPSCALE_FACTOR > max_side:
             raise fields.invalid("sweep.upscale", f"{width}x{height} images upscale to over {max_side} pixels a side")
         fields.pixels("sweep.upscale", width * UPSCALE_FACTOR, height * UPSCALE_FACTOR, config.limits)

@@ -1,6 +1,7 @@
 """Integration fixtures: one real local Ray instance per session, real farms on loopback."""
 
 import itertools
+import json
 import os
 from collections import OrderedDict
 from dataclasses import replace
@@ -94,15 +95,24 @@ def farm(start_farm) -> EmbeddedFarm:
 
 @pytest.fixture(scope="session")
 def reference(model_cache_dir):
-    """Renders a spec with plain diffusers, as a user would: the parity baseline."""
-    from diffusers import StableDiffusionPipeline
+    """Renders a spec with plain diffusers, as a user would: the parity baseline. The spec's model names the
+    pipeline class (its model_index.json's); its LoRAs load with load_lora_weights and set_adapters."""
+    import diffusers
 
     from renderfarm.actors.models import resolve_model
     from renderfarm.actors.schedulers import SCHEDULER_CLASSES
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model("builtin:tiny-sd", model_cache_dir))
-    pipe.set_progress_bar_config(disable=True)
-    own_scheduler_config = pipe.scheduler.config
+    pipes = {}
+
+    def pipeline(model: str):
+        if model not in pipes:
+            directory = resolve_model(model, model_cache_dir)
+            pipeline_class = getattr(diffusers, json.loads((directory / "model_index.json").read_text())["_class_name"])
+            options = {"add_watermarker": False} if pipeline_class is diffusers.StableDiffusionXLPipeline else {}
+            pipe = pipeline_class.from_pretrained(directory, **options)
+            pipe.set_progress_bar_config(disable=True)
+            pipes[model] = pipe, pipe.scheduler.config
+        return pipes[model]
 
     def render(spec: ImageSpec) -> np.ndarray:
         # Ray runs each replica with one intra-op thread (OMP_NUM_THREADS=1), and CPU
@@ -115,7 +125,9 @@ def reference(model_cache_dir):
             torch.set_num_threads(threads)
 
     def _render(spec: ImageSpec) -> np.ndarray:
+        pipe, own_scheduler_config = pipeline(spec.model)
         pipe.scheduler = SCHEDULER_CLASSES[spec.scheduler].from_config(own_scheduler_config)
+        _set_loras(pipe, spec)
         image = pipe(
             spec.prompt,
             negative_prompt=spec.negative_prompt or None,
@@ -128,6 +140,21 @@ def reference(model_cache_dir):
         return np.asarray(image)
 
     return render
+
+
+def _set_loras(pipe, spec: ImageSpec) -> None:
+    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+    loras = [lora for lora in spec.loras or () if lora.scale != 0]
+    if not loras:
+        if loaded:
+            pipe.disable_lora()
+        return
+    names = [f"lora-{lora.sha256[:16]}" for lora in loras]
+    for lora, name in zip(loras, names):
+        if name not in loaded:
+            pipe.load_lora_weights(lora.path, adapter_name=name)
+    pipe.enable_lora()
+    pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
 
 
 def pixels(png) -> np.ndarray:

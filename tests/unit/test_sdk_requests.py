@@ -33,6 +33,45 @@ def test_upscale_settings_are_sent_with_an_upscale_only():
     assert not chained.HasField("upscale_noise_level") and not chained.HasField("upscale_guidance_scale")
 
 
+def test_several_models_are_an_axis_and_one_travels_as_model():
+    assert (request().sweep.model, list(request().sweep.models)) == ("builtin:tiny-sd", [])
+    for given in (dict(models=["a/b", "c/d"]), dict(model=["a/b", "c/d"])):
+        sweep = request(**given).sweep
+        assert (sweep.model, list(sweep.models)) == ("", ["a/b", "c/d"])
+
+
+def lora_sets(sweep) -> list[list[tuple[str, float]]]:
+    return [[(lora.path, lora.scale) for lora in each.loras] for each in sweep.lora_sets]
+
+
+def test_loras_are_one_set_their_scales_or_their_sets_an_axis():
+    assert lora_sets(request().sweep) == []
+    assert lora_sets(request(loras=["a.safetensors", ("b.safetensors", 0.5)]).sweep) == [
+        [("a.safetensors", 1.0), ("b.safetensors", 0.5)]
+    ]
+    assert lora_sets(request(loras=["a.safetensors"], lora_scales=[0, 0.5]).sweep) == [
+        [("a.safetensors", 0.0)], [("a.safetensors", 0.5)]
+    ]
+    assert lora_sets(request(lora_sets=[[], [("a.safetensors", 2)]]).sweep) == [[], [("a.safetensors", 2.0)]]
+
+
+@pytest.mark.parametrize(
+    "arguments, field",
+    [
+        (dict(loras=[("a.safetensors", "high")]), "loras[0]"),
+        (dict(loras=[3]), "loras[0]"),
+        (dict(loras=["a", "b"], lora_scales=[1]), "lora_scales"),
+        (dict(lora_scales=[1]), "lora_scales"),
+        (dict(loras=["a"], lora_sets=[["b"]]), "lora_sets"),
+        (dict(lora_sets=[[("a", None)]]), "lora_sets[0][0]"),
+    ],
+)
+def test_bad_loras_name_the_argument(arguments, field):
+    with pytest.raises(InvalidJobError) as raised:
+        request(**arguments)
+    assert raised.value.field == field
+
+
 def test_each_submission_gets_a_fresh_request_id_unless_given():
     assert request().request_id != request().request_id
     assert request(request_id="mine").request_id == "mine"

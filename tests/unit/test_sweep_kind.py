@@ -1,11 +1,13 @@
 import itertools
 
-from renderfarm.cluster.kinds.sweep import Sweep, batch_key, batch_shape
+from renderfarm.cluster.kinds.sweep import Sweep, SweepModel, batch_key, batch_shape
+
+TINY_SD = SweepModel("builtin:tiny-sd", (128, 128), "pndm")
 
 
 def sweep(**overrides) -> Sweep:
     axes = dict(
-        model="builtin:tiny-sd",
+        models=(TINY_SD,),
         prompts=("a red fox", "a lighthouse"),
         negative_prompt="",
         seeds=(0, 1, 2),
@@ -66,7 +68,7 @@ def test_a_jobs_items_leave_out_done_images_and_carry_failures_so_far():
 
 def test_repeated_axis_values_make_each_image_once():
     sweep = Sweep(
-        model="m", prompts=("a fox", "a fox", "a cat"), negative_prompt="", seeds=(1, 1, 2),
+        models=(TINY_SD, TINY_SD), prompts=("a fox", "a fox", "a cat"), negative_prompt="", seeds=(1, 1, 2),
         guidance_scales=(7.5,), steps=(20,), sizes=((64, 64), (64, 64)), schedulers=("ddim",),
     )  # fmt: skip
     specs = list(sweep.specs())
@@ -83,3 +85,10 @@ def test_batch_shapes_are_a_function_of_the_key_and_bounded_in_pixels():
     s = Sweep(**{**vars(s), "max_batch": 8, "max_batch_pixels": 8 * 512 * 512})
     shapes = {(item.spec.width, item.shape) for item in s.items(DoneRecord(()))}
     assert shapes == {(64, 8), (1024, 2)}
+
+
+def test_models_come_one_after_another_each_at_its_own_size_unless_the_sweep_sets_one():
+    xl = SweepModel("builtin:tiny-sdxl", (256, 256), "euler")
+    specs = list(sweep(models=(TINY_SD, xl), sizes=(), schedulers=()).specs())
+    assert [(s.model, s.width, s.scheduler) for s in specs] == [(TINY_SD.name, 128, "pndm")] * 24 + [(xl.name, 256, "euler")] * 24
+    assert {s.width for s in sweep(models=(TINY_SD, xl)).specs()} == {64, 128}

@@ -34,6 +34,11 @@ def pipe(upscaler_dir) -> StableDiffusionUpscalePipeline:
 
 
 @pytest.fixture(scope="module")
+def text_encoders(upscaler_dir) -> txt2img.TextEncoders:
+    return txt2img.load_text_encoders(upscaler_dir, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
 def low_res_image() -> PIL.Image.Image:
     """32 wide and 40 high: a transposed width and height would show."""
     rows, columns = np.mgrid[0:40, 0:32]
@@ -42,9 +47,9 @@ def low_res_image() -> PIL.Image.Image:
     return PIL.Image.fromarray(pixels.astype(np.uint8))
 
 
-def upscale_stage_by_stage(pipe, image: PIL.Image.Image, seed: int, guidance_scale: float) -> np.ndarray:
-    prompt_embeds = txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, PROMPT)
-    negative_embeds = txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, NEGATIVE_PROMPT)
+def upscale_stage_by_stage(pipe, text_encoders, image: PIL.Image.Image, seed: int, guidance_scale: float) -> np.ndarray:
+    prompt_embeds = txt2img.encode_text(text_encoders, PROMPT)
+    negative_embeds = txt2img.encode_text(text_encoders, NEGATIVE_PROMPT)
     latents = upscale_x4.upscale_latents(
         pipe.unet,
         pipe.scheduler,
@@ -74,7 +79,7 @@ def test_builtin_resolves_and_loads_as_the_upscale_pipeline(upscaler_dir, model_
 
 @pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_stages_are_pixel_identical_to_the_pipeline(pipe, low_res_image, seed, guidance_scale):
+def test_stages_are_pixel_identical_to_the_pipeline(pipe, text_encoders, low_res_image, seed, guidance_scale):
     expected = pipe(
         prompt=PROMPT,
         image=low_res_image,
@@ -86,17 +91,17 @@ def test_stages_are_pixel_identical_to_the_pipeline(pipe, low_res_image, seed, g
     ).images[0]
     expected = np.asarray(expected)
 
-    upscaled = upscale_stage_by_stage(pipe, low_res_image, seed, guidance_scale)
+    upscaled = upscale_stage_by_stage(pipe, text_encoders, low_res_image, seed, guidance_scale)
     assert upscaled.shape == expected.shape == (4 * 40, 4 * 32, 3)
     assert np.array_equal(upscaled, expected)
 
 
-def test_upscaled_images_vary_with_seed_and_input(pipe, low_res_image):
-    upscaled = upscale_stage_by_stage(pipe, low_res_image, seed=0, guidance_scale=1.0).astype(float)
+def test_upscaled_images_vary_with_seed_and_input(pipe, text_encoders, low_res_image):
+    upscaled = upscale_stage_by_stage(pipe, text_encoders, low_res_image, seed=0, guidance_scale=1.0).astype(float)
     assert upscaled.std() > 10
-    other_seed = upscale_stage_by_stage(pipe, low_res_image, seed=1, guidance_scale=1.0)
+    other_seed = upscale_stage_by_stage(pipe, text_encoders, low_res_image, seed=1, guidance_scale=1.0)
     assert np.abs(upscaled - other_seed).mean() > 10
-    flipped = upscale_stage_by_stage(pipe, low_res_image.transpose(PIL.Image.FLIP_TOP_BOTTOM), 0, 1.0)
+    flipped = upscale_stage_by_stage(pipe, text_encoders, low_res_image.transpose(PIL.Image.FLIP_TOP_BOTTOM), 0, 1.0)
     assert np.abs(upscaled - flipped).mean() > 10
 
 
@@ -108,7 +113,7 @@ def test_an_fp16_vae_decodes_in_fp32_and_stays_fp16(upscaler_dir):
     assert vae.dtype == torch.float16
 
 
-def spread_latents(pipe, image: PIL.Image.Image, parties: int, tile: int) -> list[torch.Tensor]:
+def spread_latents(pipe, text_encoders, image: PIL.Image.Image, parties: int, tile: int) -> list[torch.Tensor]:
     """Each party's latents, the parties run on threads meeting at a real WindowExchange."""
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -123,8 +128,8 @@ def spread_latents(pipe, image: PIL.Image.Image, parties: int, tile: int) -> lis
             DDIMScheduler.from_config(pipe.scheduler.config),
             DDPMScheduler.from_config(pipe.low_res_scheduler.config),
             upscale_x4.preprocess(image, pipe.vae_scale_factor),
-            txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, PROMPT),
-            txt2img.encode_text(pipe.tokenizer, pipe.text_encoder, NEGATIVE_PROMPT),
+            txt2img.encode_text(text_encoders, PROMPT),
+            txt2img.encode_text(text_encoders, NEGATIVE_PROMPT),
             steps=2,
             guidance_scale=7.5,
             noise_level=NOISE_LEVEL,
@@ -143,12 +148,12 @@ def spread_latents(pipe, image: PIL.Image.Image, parties: int, tile: int) -> lis
         loop.call_soon_threadsafe(loop.stop)
 
 
-def test_windows_spread_over_parties_give_the_same_latents_as_one_party(pipe, low_res_image):
+def test_windows_spread_over_parties_give_the_same_latents_as_one_party(pipe, text_encoders, low_res_image):
     upscale_x4.synchronise_group_norms(pipe.unet)
     assert len(upscale_x4.tile_windows(40, 32, 16, align=4)) == 12
-    (alone,) = spread_latents(pipe, low_res_image, parties=1, tile=16)
-    spread = spread_latents(pipe, low_res_image, parties=3, tile=16)
+    (alone,) = spread_latents(pipe, text_encoders, low_res_image, parties=1, tile=16)
+    spread = spread_latents(pipe, text_encoders, low_res_image, parties=3, tile=16)
     assert all(torch.equal(latents, alone) for latents in spread)
     # The tiles matter: one window over the whole image gives other latents.
-    (one_window,) = spread_latents(pipe, low_res_image, parties=1, tile=64)
+    (one_window,) = spread_latents(pipe, text_encoders, low_res_image, parties=1, tile=64)
     assert not torch.equal(one_window, alone)

@@ -11,6 +11,7 @@ from renderfarm.cluster.kinds.upscale import UpscaleSettings
 from renderfarm.cluster.model_info import ModelInfo
 from renderfarm.cluster.validate import check_id
 from renderfarm.errors import InvalidJobError
+from renderfarm.spec import LoraSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=200, max_pixels=512 * 768)
@@ -19,13 +20,18 @@ LIMITS = LimitsConfig(max_images_per_job=1000, max_side=1024, max_prompt_chars=2
 def model_info(model: str) -> ModelInfo:
     if model == "builtin:tiny-sd-x4-upscaler":
         return ModelInfo(
-            width=128, height=128, scheduler="ddim", vae_scale_factor=4, latent_channels=4, decode_segments=7,
+            pipeline="StableDiffusionUpscalePipeline", width=128, height=128, scheduler="ddim", vae_scale_factor=4, latent_channels=4, decode_segments=7,
             decode_halo=5, is_upscaler=True, max_noise_level=350, unet_alignment=4,
+        )  # fmt: skip
+    if model == "builtin:tiny-sdxl":
+        return ModelInfo(
+            pipeline="StableDiffusionXLPipeline", width=256, height=256, scheduler="euler", vae_scale_factor=8,
+            latent_channels=4, decode_segments=17, decode_halo=9, is_upscaler=False, max_noise_level=0, unet_alignment=4,
         )  # fmt: skip
     if model != "builtin:tiny-sd":
         raise ValueError(f"unknown model {model!r}")
     return ModelInfo(
-        width=128, height=128, scheduler="pndm", vae_scale_factor=8, latent_channels=4, decode_segments=17, decode_halo=9,
+        pipeline="StableDiffusionPipeline", width=128, height=128, scheduler="pndm", vae_scale_factor=8, latent_channels=4, decode_segments=17, decode_halo=9,
         is_upscaler=False, max_noise_level=0, unet_alignment=4,
     )
 
@@ -43,8 +49,21 @@ def request(**sweep) -> pb.SweepSpec:
 
 def test_unset_axes_take_defaults():
     sweep = sweep_kind.validate(request(), CONFIG, model_info)
-    assert sweep.seeds == (0,) and sweep.guidance_scales == (7.5,) and sweep.steps == (50,)
-    assert sweep.sizes == ((128, 128),) and sweep.schedulers == ("pndm",)
+    (spec,) = sweep.specs()
+    assert (spec.seed, spec.guidance_scale, spec.steps) == (0, 7.5, 50)
+    assert (spec.width, spec.height, spec.scheduler, spec.loras) == (128, 128, "pndm", None)
+
+
+def test_a_models_axis_takes_each_models_own_size_and_scheduler_and_runs_models_in_turn():
+    sweep = sweep_kind.validate(
+        request(model="", models=["builtin:tiny-sd", "builtin:tiny-sdxl"], seeds=[0, 1]), CONFIG, model_info
+    )
+    specs = list(sweep.specs())
+    assert sweep.total == len(specs) == 4
+    assert [(s.model, s.width, s.scheduler) for s in specs] == [
+        ("builtin:tiny-sd", 128, "pndm"), ("builtin:tiny-sd", 128, "pndm"),
+        ("builtin:tiny-sdxl", 256, "euler"), ("builtin:tiny-sdxl", 256, "euler"),
+    ]  # fmt: skip
 
 
 BAD = [
@@ -72,6 +91,15 @@ BAD = [
     ("sweep.model", dict(model="builtin:tiny-sd\x00")),
     ("sweep.model", dict(model="m" * 5000)),
     ("sweep.sizes[0]", dict(sizes=[pb.Size(width=768, height=768)])),
+    # An x4 upscaler cannot render from text: refused here, not after every retry.
+    ("sweep.model", dict(model="builtin:tiny-sd-x4-upscaler")),
+    ("sweep.models[1]", dict(model="", models=["builtin:tiny-sd", "builtin:tiny-sd-x4-upscaler"])),
+    ("sweep.models[0]", dict(model="", models=["builtin:nope"])),
+    ("sweep.models", dict(models=["builtin:tiny-sdxl"])),  # and model too
+    ("sweep.lora_sets[0].loras[0].path", dict(lora_sets=[pb.LoraSet(loras=[pb.Lora(path="", scale=1)])])),
+    ("sweep.lora_sets[0].loras[0].path", dict(lora_sets=[pb.LoraSet(loras=[pb.Lora(path="/no/such.safetensors")])])),
+    ("sweep.lora_sets[1].loras[0].path", dict(lora_sets=[pb.LoraSet(), pb.LoraSet(loras=[pb.Lora(path="../x")])])),
+    ("sweep.lora_sets[0]", dict(lora_sets=[pb.LoraSet(loras=[pb.Lora(path=f"/l{i}") for i in range(9)])])),
     ("sweep", dict(prompts=["a"] * 10, seeds=list(range(101)))),
     ("sweep.upscale", dict(upscale=2)),
     ("sweep.upscale", CHAIN | dict(sizes=[pb.Size(width=512, height=64)])),  # 2048 px wide, over max_side
@@ -94,7 +122,7 @@ def test_bad_sweeps_name_the_field(field, sweep):
 
 def test_a_model_reference_that_names_a_place_is_still_accepted():
     for model in ("builtin:tiny-sd", "org/name", "/srv/models/sd-1.5", "./models/sd", "~/models/sd..v2"):
-        assert sweep_kind.validate(request(model=model), CONFIG, lambda _: model_info("builtin:tiny-sd")).model == model
+        assert sweep_kind.validate(request(model=model), CONFIG, lambda _: model_info("builtin:tiny-sd")).models[0].name == model
 
 
 def test_the_image_count_is_checked_before_any_value_is_read():
@@ -150,3 +178,44 @@ def test_a_negative_zero_guidance_is_zero_in_every_spec():
     )
     assert math.copysign(1, negative.guidance_scale) == 1
     assert (negative.file_name, negative.to_json()) == (zero.file_name, zero.to_json())
+
+
+def lora_file(path: Path) -> str:
+    """A minimal LoRA safetensors file (one tensor whose name says lora)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"unet.down.lora_A.weight": torch.ones(2, 2)}, path)
+    return str(path)
+
+
+def test_lora_sets_record_each_files_digest_and_scale(tmp_path):
+    import hashlib
+
+    style = lora_file(tmp_path / "style.safetensors")
+    sets = [pb.LoraSet(), pb.LoraSet(loras=[pb.Lora(path=style, scale=-0.0)]), pb.LoraSet(loras=[pb.Lora(path=style, scale=0.5)])]
+    specs = list(sweep_kind.validate(request(lora_sets=sets), CONFIG, model_info).specs())
+    digest = hashlib.sha256(Path(style).read_bytes()).hexdigest()
+    assert [spec.loras for spec in specs] == [
+        None, (LoraSpec(style, digest, 0.0),), (LoraSpec(style, digest, 0.5),)
+    ]
+    assert math.copysign(1, specs[1].loras[0].scale) == 1
+    # A LoRA at scale 0 is the model alone: it batches with the images without LoRA.
+    assert sweep_kind.batch_key(specs[0]) == sweep_kind.batch_key(specs[1]) != sweep_kind.batch_key(specs[2])
+
+
+@pytest.mark.parametrize("fault", ["pickle", "nan scale", "twice"])
+def test_bad_loras_name_the_field(tmp_path, fault):
+    import torch
+
+    style = lora_file(tmp_path / "style.safetensors")
+    pickle = tmp_path / "style.bin"
+    torch.save({"unet.down.lora_A.weight": torch.ones(2, 2)}, pickle)
+    loras, field, message = {
+        "pickle": ([pb.Lora(path=str(pickle), scale=1)], "sweep.lora_sets[0].loras[0].path", "safetensors only"),
+        "nan scale": ([pb.Lora(path=style, scale=math.nan)], "sweep.lora_sets[0].loras[0].scale", "finite"),
+        "twice": ([pb.Lora(path=style, scale=1), pb.Lora(path=style, scale=2)], "sweep.lora_sets[0].loras[1].path", "already"),
+    }[fault]
+    with pytest.raises(InvalidJobError, match=message) as raised:
+        sweep_kind.validate(request(lora_sets=[pb.LoraSet(loras=loras)]), CONFIG, model_info)
+    assert raised.value.field == field

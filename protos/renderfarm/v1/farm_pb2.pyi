@@ -30,8 +30,24 @@ class Size(_message.Message):
     height: int
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
+class Lora(_message.Message):
+    __slots__ = ("path", "scale", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    scale: float
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., scale: _Optional[float] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class LoraSet(_message.Message):
+    __slots__ = ("loras",)
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
+
 class SweepSpec(_message.Message):
-    __slots__ = ("model", "prompts", "negative_prompt", "seeds", "guidance_scales", "steps", "sizes", "schedulers", "upscale", "upscale_model", "upscale_noise_level", "upscale_steps", "upscale_guidance_scale", "upscale_tile")
+    __slots__ = ("model", "prompts", "negative_prompt", "seeds", "guidance_scales", "steps", "sizes", "schedulers", "upscale", "upscale_model", "upscale_noise_level", "upscale_steps", "upscale_guidance_scale", "upscale_tile", "models", "lora_sets")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +62,8 @@ class SweepSpec(_message.Message):
     UPSCALE_STEPS_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_TILE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LORA_SETS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
     negative_prompt: str
@@ -60,10 +78,12 @@ class SweepSpec(_message.Message):
     upscale_steps: int
     upscale_guidance_scale: float
     upscale_tile: int
-    def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scales: _Optional[_Iterable[float]] = ..., steps: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., schedulers: _Optional[_Iterable[str]] = ..., upscale: _Optional[int] = ..., upscale_model: _Optional[str] = ..., upscale_noise_level: _Optional[int] = ..., upscale_steps: _Optional[int] = ..., upscale_guidance_scale: _Optional[float] = ..., upscale_tile: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedScalarFieldContainer[str]
+    lora_sets: _containers.RepeatedCompositeFieldContainer[LoraSet]
+    def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scales: _Optional[_Iterable[float]] = ..., steps: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., schedulers: _Optional[_Iterable[str]] = ..., upscale: _Optional[int] = ..., upscale_model: _Optional[str] = ..., upscale_noise_level: _Optional[int] = ..., upscale_steps: _Optional[int] = ..., upscale_guidance_scale: _Optional[float] = ..., upscale_tile: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., lora_sets: _Optional[_Iterable[_Union[LoraSet, _Mapping]]] = ...) -> None: ...
 
 class ImageSpec(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
+    __slots__ = ("model", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "loras")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +93,7 @@ class ImageSpec(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -82,7 +103,8 @@ class ImageSpec(_message.Message):
     steps: int
     guidance_scale: float
     scheduler: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
 
 class DecodeSpec(_message.Message):
     __slots__ = ("model", "latents_npy", "tile", "overlap")
