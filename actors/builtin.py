@@ -38,19 +38,24 @@ TINY_VAE = dict(
 )
 
 
+# tiny-sd's UNet layout, which tiny-sd-inpaint shares.
+TINY_SD_UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
 def build_tiny_sd(dest: Path) -> None:
     """Save a small random-weight Stable Diffusion 1.x pipeline to `dest` in diffusers layout."""
-    _build_sd(
-        dest,
-        unet=dict(
-            sample_size=16,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        ),
-        vae=TINY_VAE,
-    )
+    _build_sd(dest, unet=TINY_SD_UNET, vae=TINY_VAE)
+
+
+def build_tiny_sd_inpaint(dest: Path) -> None:
+    """Save tiny-sd's layout with an inpainting UNet (9 input channels) as a StableDiffusionInpaintPipeline."""
+    _build_sd(dest, unet=TINY_SD_UNET, vae=TINY_VAE, inpaint=True)
 
 
 def build_null_sd(dest: Path) -> None:
@@ -78,16 +83,19 @@ def build_null_sd(dest: Path) -> None:
     )
 
 
-def _build_sd(dest: Path, unet: dict, vae: dict) -> None:
-    """An SD 1.x pipeline with builtin:tiny-sd's tokenizer, text encoder and scheduler, and these UNet and VAE shapes."""
+def _build_sd(dest: Path, unet: dict, vae: dict, inpaint: bool = False) -> None:
+    """An SD 1.x pipeline with builtin:tiny-sd's tokenizer, text encoder and scheduler, and these UNet and VAE
+    shapes; an inpainting one if `inpaint`."""
     # Imported here so that listing builtins stays cheap for processes that never build one.
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = _build_tokenizer()
     with _seeded_weights():
         # quick_gelu: SD 1.x's text encoder is OpenAI's CLIP.
         text_encoder = _build_text_encoder(tokenizer, hidden_act="quick_gelu")
-        unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=32, **unet)
+        # An inpainting UNet takes the noisy latents (4 channels), the mask (1) and the masked image's latents (4).
+        in_channels = 9 if inpaint else 4
+        unet_model = UNet2DConditionModel(in_channels=in_channels, out_channels=4, cross_attention_dim=32, **unet)
         _rescale_untrained_unet(unet_model)
         vae_model = _build_vae(vae, scaling_factor=0.18215)
 
@@ -102,7 +110,8 @@ def _build_sd(dest: Path, unet: dict, vae: dict) -> None:
         steps_offset=1,
         set_alpha_to_one=False,
     )
-    pipeline = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    pipeline = pipeline_class(
         vae=vae_model,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -383,6 +392,7 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny-sd": build_tiny_sd,
+    "tiny-sd-inpaint": build_tiny_sd_inpaint,
     "tiny-sdxl": build_tiny_sdxl,
     "null-sd": build_null_sd,
     "tiny-sd-x4-upscaler": build_tiny_sd_x4_upscaler,

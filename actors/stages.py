@@ -7,6 +7,7 @@ a call names, keeping the most recently used few loaded.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import resource
 from collections import OrderedDict
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import ray
 import torch
 
-from renderfarm.actors import exchange, lora, s3, tiled_decode, txt2img, upscale_x4
+from renderfarm.actors import exchange, img2img, lora, s3, tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.actors.s3 import S3Target
 from renderfarm.actors.tiles import Tile
@@ -113,6 +115,22 @@ class DenoiserStage(_Stage):
         self._work_done += count
         return latents.cpu()
 
+    def denoise_sources(
+        self, model: str, batch: txt2img.DenoiseBatch, strength: float, texts: tuple[int, ...],
+        sources: tuple[int, ...], *objects,
+    ) -> torch.Tensor:
+        """img2img and inpainting: each item starts from its source (SourceLatents) noised to `strength`.
+        `objects`: the batch's distinct text embeddings and sources; `texts` (each item's prompt, then if guided
+        its negative prompt) and `sources` (each item's) index them."""
+        count = len(batch.items)
+        per_text = [objects[index] for index in texts]
+        latents = img2img.denoise(
+            self._components(model), batch, strength, [objects[index] for index in sources], per_text[:count],
+            per_text[count : 2 * count],
+        )  # fmt: skip
+        self._work_done += count
+        return latents.cpu()
+
 
 class DecoderStage(_Stage):
     def _load(self, model_dir: Path):
@@ -133,6 +151,19 @@ class DecoderStage(_Stage):
             return pngs
         # The PUTs wait on the network, not the CPU: a batch's go at once.
         return list(_uploads.map(lambda key, png: s3.put_png(target, key, png), keys, pngs))
+
+    def encode_source(self, model: str, image: bytes, width: int, height: int, mask: bytes | None = None):
+        """A source image (and, to inpaint, its mask) encoded at (width, height): the same SourceLatents for every
+        seed that renders from it, so it is encoded once. Then a marker that the scheduler awaits to learn that
+        the call ended; call with num_returns=2."""
+        vae, _ = self._components(model)
+        with PIL.Image.open(io.BytesIO(image)) as source:
+            rgb = source.convert("RGB")
+        if mask is None:
+            return img2img.encode_source(vae, rgb, width, height), True
+        with PIL.Image.open(io.BytesIO(mask)) as mask_image:
+            mask_image.load()
+            return img2img.encode_source(vae, rgb, width, height, mask_image), True
 
     def decode_apart(self, model: str, latents: torch.Tensor, specs: list[ImageSpec]) -> tuple:
         """decode()'s PNGs, each an object of its own, then their SHA-256 digests; call with num_returns=len(specs)+1."""
@@ -205,10 +236,7 @@ class UpscalerStage(_Stage):
         return (latents if spread.rank == 0 else None), True
 
     def _upscale(self, model: str, image: bytes, spec, embeds, share: upscale_x4.Share) -> torch.Tensor:
-        import io
-
         import diffusers
-        import PIL.Image
 
         unet, scheduler_config, low_res_config, vae_scale_factor = self._components(model)
         with PIL.Image.open(io.BytesIO(image)) as source:

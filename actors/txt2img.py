@@ -90,6 +90,8 @@ class DenoiseComponents:
     unet: UNet2DConditionModel
     scheduler_config: Mapping
     vae_scale_factor: int
+    # The VAE's config: img2img scales the latents it samples from a source's encoding as the VAE's pipeline does.
+    vae_config: Mapping
 
 
 def load_text_encoders(model_dir: Path, device, dtype: torch.dtype) -> TextEncoders:
@@ -112,12 +114,14 @@ def load_text_encoders(model_dir: Path, device, dtype: torch.dtype) -> TextEncod
 
 def load_denoiser(model_dir: Path, device, dtype: torch.dtype) -> DenoiseComponents:
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype, use_safetensors=True)
+    vae_config = read_config(model_dir, "vae")
     return DenoiseComponents(
         pipeline=_model_index(model_dir)["_class_name"],
         unet=unet.to(device).eval(),
         # The scheduler's config alone: each batch builds a fresh scheduler of the class it names.
         scheduler_config=DDIMScheduler.load_config(model_dir, subfolder="scheduler"),
-        vae_scale_factor=vae_scale_factor(read_config(model_dir, "vae")),
+        vae_scale_factor=vae_scale_factor(vae_config),
+        vae_config=vae_config,
     )
 
 
@@ -178,9 +182,7 @@ def denoise(
     unet, vae_scale_factor = components.unet, components.vae_scale_factor
     device, dtype = unet.device, unet.dtype
     scheduler = make_scheduler(batch.scheduler, components.scheduler_config)
-    # Unconditional rows first, as the pipelines concatenate them.
-    texts = [*negative_embeds, *prompt_embeds] if batch.guided else list(prompt_embeds)
-    embeds = torch.cat([e.hidden.to(device=device, dtype=dtype) for e in texts])
+    embeds, added_cond_kwargs = text_conditioning(components, batch, prompt_embeds, negative_embeds)
     scheduler.set_timesteps(batch.steps, device=device)
     timesteps = scheduler.timesteps
 
@@ -189,18 +191,9 @@ def denoise(
     latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
     step_kwargs = scheduler_step_kwargs(scheduler, generators)
-    guidance = _guidance(batch, device, dtype)
-
-    added_cond_kwargs = None
-    if components.pipeline == SDXL_PIPELINE:
-        # The pipeline's defaults: original_size = target_size = (height, width), crops_coords_top_left = (0, 0).
-        time_ids = [batch.height, batch.width, 0, 0, batch.height, batch.width]
-        added_cond_kwargs = {
-            "text_embeds": torch.cat([e.pooled.to(device=device, dtype=dtype) for e in texts]),
-            "time_ids": torch.tensor([time_ids], dtype=dtype, device=device).repeat(len(texts), 1),
-        }
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+    guidance = guidance_scales(batch, device, dtype)
+    if components.pipeline == SDXL_PIPELINE and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
 
     with torch.inference_mode():
         for t in timesteps:
@@ -216,6 +209,27 @@ def denoise(
     return latents
 
 
+def text_conditioning(
+    components: DenoiseComponents,
+    batch: DenoiseBatch,
+    prompt_embeds: Sequence[TextEmbedding],
+    negative_embeds: Sequence[TextEmbedding],
+) -> tuple[torch.Tensor, dict | None]:
+    """The UNet's encoder_hidden_states and, for SDXL, its added_cond_kwargs, for every row of the loop."""
+    device, dtype = components.unet.device, components.unet.dtype
+    # Unconditional rows first, as the pipelines concatenate them.
+    texts = [*negative_embeds, *prompt_embeds] if batch.guided else list(prompt_embeds)
+    embeds = torch.cat([e.hidden.to(device=device, dtype=dtype) for e in texts])
+    if components.pipeline != SDXL_PIPELINE:
+        return embeds, None
+    # The pipeline's defaults: original_size = target_size = (height, width), crops_coords_top_left = (0, 0).
+    time_ids = [batch.height, batch.width, 0, 0, batch.height, batch.width]
+    return embeds, {
+        "text_embeds": torch.cat([e.pooled.to(device=device, dtype=dtype) for e in texts]),
+        "time_ids": torch.tensor([time_ids], dtype=dtype, device=device).repeat(len(texts), 1),
+    }
+
+
 def scheduler_step_kwargs(scheduler, generator) -> dict:
     """The pipelines' prepare_extra_step_kwargs: eta=0 and the generator, for the schedulers that take them."""
     parameters = inspect.signature(scheduler.step).parameters
@@ -227,7 +241,8 @@ def scheduler_step_kwargs(scheduler, generator) -> dict:
     return kwargs
 
 
-def _guidance(batch: DenoiseBatch, device, dtype) -> float | torch.Tensor:
+def guidance_scales(batch: DenoiseBatch, device, dtype) -> float | torch.Tensor:
+    """The items' guidance scales, as the loop multiplies the guided noise prediction by them."""
     scales = [item.guidance_scale for item in batch.items]
     if len(set(scales)) == 1:
         return scales[0]  # a Python float, exactly as the pipeline multiplies

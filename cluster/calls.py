@@ -78,6 +78,32 @@ def denoise(actor, model: str, loras: Sequence[LoraSpec], batch: DenoiseBatch, p
     return actor.denoise.remote(model, tuple(loras), batch, tuple(distinct[ref] for ref in refs), *distinct)
 
 
+def denoise_sources(actor, model: str, batch: DenoiseBatch, strength: float, prompt_embeds: Sequence,
+                    negative_embeds: Sequence, sources: Sequence):  # fmt: skip
+    """The latents ref [B, C, h, w] of an img2img or inpaint batch: each item from its source (a SourceLatents ref),
+    noised to `strength`. Distinct refs go once, as in denoise()."""
+    if len(prompt_embeds) != len(batch.items) or len(sources) != len(batch.items) or len(negative_embeds) not in (
+        0, len(batch.items)
+    ):  # fmt: skip
+        raise StageContractError(
+            f"a denoise batch of {len(batch.items)} got {len(prompt_embeds)} and {len(negative_embeds)} embeddings "
+            f"and {len(sources)} sources"
+        )
+    texts = [*prompt_embeds, *negative_embeds]
+    distinct = {ref: index for index, ref in enumerate(dict.fromkeys([*texts, *sources]))}
+    return actor.denoise_sources.remote(
+        model, batch, strength, tuple(distinct[ref] for ref in texts), tuple(distinct[ref] for ref in sources), *distinct
+    )
+
+
+def encode_source(actor, model: str, source) -> tuple:
+    """A ref to a source's (kinds/img2img.py's Source) SourceLatents, encoded by a VAE replica, and a marker that
+    resolves when the call has ended."""
+    return tuple(
+        actor.encode_source.options(num_returns=2).remote(model, source.image, source.width, source.height, source.mask)
+    )
+
+
 async def decode(actor, model: str, latents, specs: Sequence, target: S3Target | None = None,
                  keys: Sequence[str] | None = None) -> list:  # fmt: skip
     """PNGs of the first len(specs) images of `latents`, in order: their bytes, or with an object store

@@ -53,6 +53,8 @@ class LimitsConfig:
     max_steps: int = 1000
     # Output pixels of one image (a sweep image, a decode, an upscale's 4x result).
     max_pixels: int = 4096 * 4096
+    # Encoded bytes of the images an img2img or inpaint request carries, in all.
+    max_source_bytes: int = 64 * 1024 * 1024
     # Jobs queued or running at once; one more is refused with RESOURCE_EXHAUSTED.
     max_concurrent_jobs: int = 64
 

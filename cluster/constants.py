@@ -12,6 +12,9 @@ DEFAULT_SEED = 0
 DEFAULT_UPSCALE_STEPS = 75
 DEFAULT_UPSCALE_GUIDANCE_SCALE = 9.0
 DEFAULT_NOISE_LEVEL = 20
+# ... and StableDiffusionImg2ImgPipeline's and StableDiffusionInpaintPipeline's.
+DEFAULT_IMG2IMG_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
 UPSCALE_FACTOR = 4
 # Upscale tiles align to the UNet's deepest downsampling (8 covers SD's x4 upscaler).
 TILE_MULTIPLE = 8
@@ -40,6 +43,8 @@ BATCHES_IN_FLIGHT_PER_REPLICA = 2
 MODELS_PER_REPLICA = 2
 # Text embeddings (refs into Ray's object store) the scheduler keeps for reuse across jobs.
 TEXT_CACHE_ENTRIES = 4096
+# Encoded img2img and inpaint sources (refs) the scheduler keeps, so each is encoded once for all its images.
+SOURCE_CACHE_ENTRIES = 256
 # How long a node-liveness or cluster check may take before the cluster counts as gone.
 CLUSTER_CHECK_TIMEOUT_S = 20.0
 

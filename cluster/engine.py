@@ -145,7 +145,7 @@ class Engine:
 
     async def _failed(self, batch: Batch, error: Exception) -> None:
         failure = await self.executor.classify(error)
-        self.executor.forget_texts(batch)
+        self.executor.forget_inputs(batch)
         if failure == Failure.CLUSTER_GONE:
             self._cluster_gone(error)
             return

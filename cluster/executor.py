@@ -40,16 +40,18 @@ from renderfarm.cluster.constants import (
     EXCHANGE_JOIN_TIMEOUT_S,
     EXCHANGE_ROUND_TIMEOUT_S,
     REPLICAS_READY_TIMEOUT_S,
+    SOURCE_CACHE_ENTRIES,
     TEXT_CACHE_ENTRIES,
     UPSCALE_FACTOR,
 )
+from renderfarm.cluster.kinds.img2img import Source
 from renderfarm.cluster.kinds.sweep import applied_loras
 from renderfarm.cluster.kinds.upscale import UpscaleSettings
 from renderfarm.cluster.model_info import model_info
 from renderfarm.cluster.results import ResultStore
 from renderfarm.cluster.scheduler import Batch, Item, Scheduler
 from renderfarm.cluster.stats import STAGES, FarmStats, ReplicaStats, StageStats
-from renderfarm.spec import ImageSpec, LoraSpec, guided
+from renderfarm.spec import EditedImageSpec, ImageSpec, LoraSpec, guided
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class Executor:
         # (model, text) -> embedding ref, least recently used first; shared by every job.
         self._embeddings: OrderedDict[tuple[str, str], ray.ObjectRef] = OrderedDict()
         self._text_cache_hits = 0
+        # (model, source) -> SourceLatents ref (img2img, inpaint), least recently used first.
+        self._sources: OrderedDict[tuple[str, Source], ray.ObjectRef] = OrderedDict()
         self._batches: Counter[str] = Counter()
         self._batch_sizes: dict[str, Counter[int]] = {stage: Counter() for stage in STAGES}
 
@@ -189,12 +193,19 @@ class Executor:
             scheduler=first.scheduler,
             items=tuple(DenoiseItem(seed=s.seed, guidance_scale=s.guidance_scale) for s in padded),
         )
+        sourced = isinstance(first, EditedImageSpec)
         # Items share their key, so their LoRAs too.
-        loras = applied_loras(first)
+        loras = () if sourced else applied_loras(first)
         prompts = await self._embed(model, loras, [s.prompt for s in padded])
         negatives = await self._embed(model, loras, [s.negative_prompt for s in padded]) if denoise_batch.guided else []
-        latents = calls.denoise(actor, model, loras, denoise_batch, prompts, negatives)
-        upscale: UpscaleSettings | None = items[0].payload
+        if sourced:
+            sources = [item.payload for item in items] + [items[0].payload] * (batch.shape - len(items))
+            latents = calls.denoise_sources(
+                actor, model, denoise_batch, first.strength, prompts, negatives, self._source_latents(model, sources)
+            )
+        else:
+            latents = calls.denoise(actor, model, loras, denoise_batch, prompts, negatives)
+        upscale: UpscaleSettings | None = None if sourced else items[0].payload
         if upscale is not None:
             await self._upscale_chained(items, latents, upscale, record)
         elif self._tiled(first):
@@ -238,22 +249,42 @@ class Executor:
             while len(self._embeddings) > TEXT_CACHE_ENTRIES:
                 self._embeddings.popitem(last=False)
             # Counted on its replica until the call ends, without pulling the embeddings here.
-            asyncio.ensure_future(done).add_done_callback(lambda ended: self._encoded(ended, index))
+            asyncio.ensure_future(done).add_done_callback(lambda ended: self._ended(ended, "encoder", index))
         for key in keys.values():
             self._embeddings.move_to_end(key)
         return [self._embeddings[keys[text]] for text in texts]
 
-    def _encoded(self, ended: asyncio.Future, index: int) -> None:
-        self._scheduler.release("encoder", index)
-        if not ended.cancelled():
-            ended.exception()  # seen here; the batches that use the embeddings report the failure
+    def _source_latents(self, model: str, sources: list[Source]) -> list[ray.ObjectRef]:
+        """Each source's SourceLatents ref: from the cache, else encoded on a VAE replica, once for every seed and
+        prompt that renders from it."""
+        for source in dict.fromkeys(sources):
+            if (model, source) in self._sources:
+                continue
+            index = self._scheduler.pick("decoder", model)
+            self._batches["decoder"] += 1
+            ref, done = calls.encode_source(self._pools["decoder"].actors[index], model, source)
+            self._sources[model, source] = ref
+            while len(self._sources) > SOURCE_CACHE_ENTRIES:
+                self._sources.popitem(last=False)
+            asyncio.ensure_future(done).add_done_callback(lambda ended, index=index: self._ended(ended, "decoder", index))
+        for source in sources:
+            self._sources.move_to_end((model, source))
+        return [self._sources[model, source] for source in sources]
 
-    def forget_texts(self, batch: Batch) -> None:
-        """After a failure the batch's cached embeddings may be what failed (lost with a node): encode afresh."""
+    def _ended(self, ended: asyncio.Future, stage: str, index: int) -> None:
+        self._scheduler.release(stage, index)
+        if not ended.cancelled():
+            ended.exception()  # seen here; the batches that use the results report the failure
+
+    def forget_inputs(self, batch: Batch) -> None:
+        """After a failure the batch's cached embeddings and encoded sources may be what failed (lost with a
+        node): encode them afresh."""
         for item in batch.items:
             loras = applied_loras(item.spec) if isinstance(item.spec, ImageSpec) else ()
             for text in (getattr(item.spec, "prompt", None), getattr(item.spec, "negative_prompt", None)):
                 self._embeddings.pop(_text_key(item.model, loras, text), None)
+            if isinstance(item.spec, EditedImageSpec):
+                self._sources.pop((item.model, item.payload), None)
 
     def _tiled(self, spec) -> bool:
         return spec.width * spec.height > self._config.tiled_decode_above_pixels

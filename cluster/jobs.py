@@ -29,7 +29,7 @@ from pathlib import Path
 
 from renderfarm._wire import JobState
 from renderfarm.actors.s3 import StoredImage
-from renderfarm.spec import AnySpec, DecodedImageSpec, ImageSpec, UpscaledImageSpec, spec_from_json
+from renderfarm.spec import AnySpec, DecodedImageSpec, EditedImageSpec, ImageSpec, UpscaledImageSpec, spec_from_json
 from renderfarm.v1 import farm_pb2 as pb
 
 STATE_TO_PB = {
@@ -122,6 +122,8 @@ def result_to_pb(spec: AnySpec, name: str, stored: StoredImage | None = None) ->
     digest = dict(sha256=stored.sha256, size=stored.size) if stored else {}
     if isinstance(spec, DecodedImageSpec):
         return pb.ImageResult(decoded=pb.DecodedImageSpec(**vars(spec)), name=name, **digest)
+    if isinstance(spec, EditedImageSpec):
+        return pb.ImageResult(edited=pb.EditedImageSpec(**vars(spec) | {"mask_sha256": spec.mask_sha256 or ""}), name=name, **digest)
     if isinstance(spec, UpscaledImageSpec):
         fields = vars(spec) | {"source": None if spec.source is None else _image_spec_to_pb(spec.source)}
         return pb.ImageResult(upscaled=pb.UpscaledImageSpec(**fields), name=name, **digest)
@@ -149,8 +151,11 @@ def _summary(request: pb.SubmitJobRequest) -> pb.SubmitJobRequest:
     kind = summary.WhichOneof("kind")
     if kind == "decode":
         summary.decode.ClearField("latents_npy")
-    elif kind == "upscale":
-        summary.upscale.ClearField("images")
+    elif kind in ("upscale", "img2img"):
+        getattr(summary, kind).ClearField("images")
+    elif kind == "inpaint":
+        summary.inpaint.ClearField("image")
+        summary.inpaint.ClearField("mask")
     return summary
 
 

@@ -11,8 +11,11 @@ from renderfarm.actors.tiles import exact_halo, segment_count
 
 # The diffusers pipelines the farm runs, by model_index.json's _class_name.
 TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# A text-to-image model's components also make its img2img pipeline.
+IMAGE_TO_IMAGE = TEXT_TO_IMAGE
+INPAINTING = ("StableDiffusionInpaintPipeline",)
 UPSCALER = "StableDiffusionUpscalePipeline"
-SUPPORTED_PIPELINES = (*TEXT_TO_IMAGE, UPSCALER)
+SUPPORTED_PIPELINES = (*TEXT_TO_IMAGE, *INPAINTING, UPSCALER)
 # Components whose weights the stages load; each must hold them as safetensors.
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

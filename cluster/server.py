@@ -45,7 +45,7 @@ class RenderFarmService:
 
     async def SubmitJob(self, request, context, caller: User):
         if request.request_id and (existing := self._jobs.by_request_id(caller.name, request.request_id)):
-            return pb.SubmitJobResponse(job=existing.to_pb())
+            return await self._same_job(existing, request, context)
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the farm is shutting down; submit again once it is back")
         try:
@@ -55,13 +55,24 @@ class RenderFarmService:
             await abort_invalid(context, error)
         # A retry of this request may have created the job while this one was validated.
         if request.request_id and (existing := self._jobs.by_request_id(caller.name, request.request_id)):
-            return pb.SubmitJobResponse(job=existing.to_pb())
+            return await self._same_job(existing, request, context)
         # No await between this check and the create below, so concurrent submissions cannot both pass.
         if refused := quotas.refusal(self._config.limits, caller, self._jobs, work.total, time.time()):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message)
         job = self._jobs.create(request, work.total, owner=caller.name)
         self._engine.submit(job, work, caller.weight)
         return pb.SubmitJobResponse(job=job.to_pb())
+
+    async def _same_job(self, existing: JobRecord, request, context) -> pb.SubmitJobResponse:
+        """A resubmitted request (a retry) gets its job back; a different one under a used request_id is refused,
+        where it would silently get a job it did not ask for."""
+        if existing.request() != request:
+            await abort(
+                context, grpc.StatusCode.ALREADY_EXISTS, "request_id",
+                f"request_id: {request.request_id!r} already names job {existing.id}, submitted with a different "
+                "request; give a new request_id for a new job",
+            )  # fmt: skip
+        return pb.SubmitJobResponse(job=existing.to_pb())
 
     def _model_info(self, model: str) -> ModelInfo:
         return model_info(model, self._config.model_cache_dir)

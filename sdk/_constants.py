@@ -3,6 +3,7 @@
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_MODEL = "builtin:tiny-sd"
 DEFAULT_UPSCALER = "builtin:tiny-sd-x4-upscaler"
+DEFAULT_INPAINTER = "builtin:tiny-sd-inpaint"
 
 # A 4K PNG is tens of MB, far over gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024

@@ -35,7 +35,7 @@ from renderfarm.errors import (
     PermissionDeniedError,
     RenderfarmError,
 )
-from renderfarm.spec import AnySpec, DecodedImageSpec, ImageSpec, LoraSpec, UpscaledImageSpec
+from renderfarm.spec import AnySpec, DecodedImageSpec, EditedImageSpec, ImageSpec, LoraSpec, UpscaledImageSpec
 from renderfarm.v1 import farm_pb2 as pb
 
 
@@ -296,6 +296,34 @@ def upscale_request(
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, upscale=upscale, priority=priority)
 
 
+def img2img_request(images, prompts, *, model, priority=0, request_id, **axes) -> pb.SubmitJobRequest:
+    """`images`: PIL images, paths or encoded bytes, one or a list (an axis)."""
+    priority = priority_value(priority)
+    spec = pb.Img2ImgSpec(model=model, images=[_image_bytes(image) for image in axis(images, "images")],
+                          **_edit_axes(prompts, **axes))  # fmt: skip
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, img2img=spec, priority=priority)
+
+
+def inpaint_request(image, mask, prompts, *, model, priority=0, request_id, **axes) -> pb.SubmitJobRequest:
+    """`image` and `mask` (white = repaint): each a PIL image, a path or encoded bytes."""
+    priority = priority_value(priority)
+    spec = pb.InpaintSpec(model=model, image=_image_bytes(image), mask=_image_bytes(mask), **_edit_axes(prompts, **axes))
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, inpaint=spec, priority=priority)
+
+
+def _edit_axes(prompts, *, strength, seeds, guidance_scale, steps, negative_prompt, scheduler) -> dict:
+    """The axes img2img and inpaint share, as their messages' fields."""
+    return dict(
+        prompts=_texts(axis(prompts, "prompts"), "prompts"),
+        negative_prompt=_texts([negative_prompt or ""], "negative_prompt")[0],
+        strengths=_reals(axis(strength, "strength"), "strength"),
+        seeds=_integers(axis(seeds, "seeds"), "seeds"),
+        guidance_scales=_reals(axis(guidance_scale, "guidance_scale"), "guidance_scale"),
+        steps=_integers(axis(steps, "steps"), "steps"),
+        schedulers=_texts(axis(scheduler, "scheduler"), "scheduler"),
+    )
+
+
 def _set_given(message, **values) -> None:
     """Sets the optional fields whose value is given; the others stay unset: the farm's defaults."""
     for name, value in values.items():
@@ -335,6 +363,8 @@ def result(message: pb.ImageResult) -> Result:
     kind = message.WhichOneof("kind")
     if kind == "decoded":
         spec = DecodedImageSpec(**_fields(message.decoded))
+    elif kind == "edited":
+        spec = EditedImageSpec(**_fields(message.edited) | {"mask_sha256": message.edited.mask_sha256 or None})
     elif kind == "upscaled":
         fields = _fields(message.upscaled)
         source = fields.pop("source")
@@ -365,7 +395,8 @@ def translate(error: grpc.RpcError, timeout: float | None = None) -> RenderfarmE
             f"the farm did not answer within {timeout:g} s (DEADLINE_EXCEEDED); "
             "it is unreachable or overloaded, or the call needs a longer timeout= on the client"
         )
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    # ALREADY_EXISTS: a request_id already used for another request.
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
         metadata = dict(error.trailing_metadata() or ())
         return InvalidJobError(message, field=metadata.get(FIELD_METADATA_KEY))
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -10,7 +10,14 @@ from pathlib import Path
 import grpc
 
 from renderfarm import _wire
-from renderfarm._constants import CHANNEL_OPTIONS, DEFAULT_ADDRESS, DEFAULT_MODEL, DEFAULT_UPSCALER, UNARY_TIMEOUT_S
+from renderfarm._constants import (
+    CHANNEL_OPTIONS,
+    DEFAULT_ADDRESS,
+    DEFAULT_INPAINTER,
+    DEFAULT_MODEL,
+    DEFAULT_UPSCALER,
+    UNARY_TIMEOUT_S,
+)
 from renderfarm._wire import JobState, JobStatus, Result
 from renderfarm.errors import JobFailedError
 from renderfarm.v1 import farm_pb2 as pb
@@ -169,6 +176,53 @@ class AsyncClient:
             priority=priority,
             request_id=request_id,
         )
+        return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
+
+    async def img2img(
+        self,
+        images,
+        prompts,
+        *,
+        strength=None,
+        seeds=0,
+        guidance_scale=None,
+        steps=None,
+        negative_prompt: str = "",
+        scheduler=None,
+        model: str = DEFAULT_MODEL,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> AsyncJob:
+        """See Client.img2img."""
+        request = _wire.img2img_request(
+            images, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
+            negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            request_id=request_id,
+        )  # fmt: skip
+        return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
+
+    async def inpaint(
+        self,
+        image,
+        mask,
+        prompts,
+        *,
+        strength=None,
+        seeds=0,
+        guidance_scale=None,
+        steps=None,
+        negative_prompt: str = "",
+        scheduler=None,
+        model: str = DEFAULT_INPAINTER,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> AsyncJob:
+        """See Client.inpaint."""
+        request = _wire.inpaint_request(
+            image, mask, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
+            negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            request_id=request_id,
+        )  # fmt: skip
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
 
     async def job(self, job_id: str) -> AsyncJob:

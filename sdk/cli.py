@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from renderfarm._constants import DEFAULT_MODEL, DEFAULT_UPSCALER
+from renderfarm._constants import DEFAULT_INPAINTER, DEFAULT_MODEL, DEFAULT_UPSCALER
 from renderfarm._wire import JobState
 from renderfarm.client import Client, Job
 from renderfarm.errors import JobFailedError, RenderfarmError
@@ -211,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
     _add_farm_options(upscale)
 
+    img2img = commands.add_parser("img2img", help="render images again from prompts: prompts x strengths x seeds x settings")
+    img2img.add_argument("images", type=Path, nargs="+", help="source images (an axis)")
+    _add_edit_options(img2img, DEFAULT_MODEL, "0.8", priority_help)
+    inpaint = commands.add_parser("inpaint", help="repaint an image where a mask is white, with an inpainting model")
+    inpaint.add_argument("image", type=Path, help="the image")
+    inpaint.add_argument("--mask", type=Path, required=True, help="the image's size; white = repaint")
+    _add_edit_options(inpaint, DEFAULT_INPAINTER, "1", priority_help)
+
     jobs = commands.add_parser("jobs", help="list the farm's jobs (a member's own; an admin's: everyone's)")
     jobs.add_argument("--owner", help="only this user's jobs (admins)")
     _add_client_options(jobs)
@@ -315,6 +323,36 @@ def _decode(args) -> int:
             latents, model=args.model, tile=args.tile, overlap=args.overlap, priority=args.priority
         ),
     )
+
+
+def _add_edit_options(parser: argparse.ArgumentParser, model: str, strength: str, priority_help: str) -> None:
+    """The axes img2img and inpaint share."""
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    parser.add_argument("--strength", type=parse_floats, help=f"how far each image is noised, in (0, 1], e.g. 0.3,0.6 (default {strength})")
+    parser.add_argument("--seeds", type=parse_ints, default=[0], help="e.g. 0-3 or 0,5,9 (default 0)")
+    parser.add_argument("--guidance", type=parse_floats, help="guidance scales, e.g. 5,7.5 (default 7.5)")
+    parser.add_argument("--steps", type=parse_ints, help="denoising steps before the strength cuts them (default 50)")
+    parser.add_argument("--negative", default="", help="the negative prompt")
+    parser.add_argument("--scheduler", type=parse_names, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m (default: the model's)")
+    parser.add_argument("--model", default=model, help=f"default {model}")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
+    _add_client_options(parser, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
+    parser.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
+    _add_farm_options(parser)
+
+
+def _edit(args) -> int:
+    axes = dict(
+        strength=args.strength, seeds=args.seeds, guidance_scale=args.guidance, steps=args.steps,
+        negative_prompt=args.negative, scheduler=args.scheduler, model=args.model, priority=args.priority,
+    )  # fmt: skip
+
+    def submit(client: Client) -> Job:
+        if args.command == "inpaint":
+            return client.inpaint(args.image, args.mask, args.prompt, **axes)
+        return client.img2img(args.images, args.prompt, **axes)
+
+    return _on_farm(args, submit)
 
 
 def _upscale(args) -> int:
@@ -447,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             return _decode(args)
         if args.command == "upscale":
             return _upscale(args)
+        if args.command in ("img2img", "inpaint"):
+            return _edit(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "models":

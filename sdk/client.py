@@ -13,6 +13,7 @@ from renderfarm import _wire
 from renderfarm._constants import (
     CHANNEL_OPTIONS,
     DEFAULT_ADDRESS,
+    DEFAULT_INPAINTER,
     DEFAULT_MODEL,
     DEFAULT_UPSCALER,
     UNARY_TIMEOUT_S,
@@ -202,6 +203,59 @@ class Client:
             priority=priority,
             request_id=request_id,
         )
+        return Job(self, self._call(self._stub.SubmitJob, request).job)
+
+    def img2img(
+        self,
+        images,
+        prompts,
+        *,
+        strength=None,
+        seeds=0,
+        guidance_scale=None,
+        steps=None,
+        negative_prompt: str = "",
+        scheduler=None,
+        model: str = DEFAULT_MODEL,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> Job:
+        """Renders each image (PIL image, path or encoded bytes) again under every combination of the axes, as
+        StableDiffusionImg2ImgPipeline does: noised to each `strength` (in (0, 1], default 0.8), then denoised.
+        Every argument but `model` may be a list (an axis), `images` too; unset axes take the pipeline's
+        defaults (guidance 7.5, 50 steps, the model's own scheduler). Each image keeps its size, rounded
+        down to multiples of 8. A result's spec (EditedImageSpec) names its source by SHA-256."""
+        request = _wire.img2img_request(
+            images, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
+            negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            request_id=request_id,
+        )  # fmt: skip
+        return Job(self, self._call(self._stub.SubmitJob, request).job)
+
+    def inpaint(
+        self,
+        image,
+        mask,
+        prompts,
+        *,
+        strength=None,
+        seeds=0,
+        guidance_scale=None,
+        steps=None,
+        negative_prompt: str = "",
+        scheduler=None,
+        model: str = DEFAULT_INPAINTER,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> Job:
+        """Repaints `image` where `mask` (the image's size) is white, as StableDiffusionInpaintPipeline does with
+        an inpainting model (a 9-channel UNet), under every combination of the axes, as img2img(); strength
+        defaults to 1. A result's spec names the image and the mask by SHA-256."""
+        request = _wire.inpaint_request(
+            image, mask, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
+            negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            request_id=request_id,
+        )  # fmt: skip
         return Job(self, self._call(self._stub.SubmitJob, request).job)
 
     def job(self, job_id: str) -> Job:

@@ -192,7 +192,43 @@ class UpscaledImageSpec(_Spec):
         return "\n".join(lines)
 
 
-AnySpec = ImageSpec | DecodedImageSpec | UpscaledImageSpec
+@dataclass(frozen=True)
+class EditedImageSpec(_Spec):
+    """Everything an img2img or inpainted image is a function of: the source image (and mask) by hash, and
+    the parameters."""
+
+    model: str
+    source_sha256: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    strength: float
+    # Inpainting: the mask's encoded bytes, hashed; None for img2img.
+    mask_sha256: str | None = None
+
+    def _name_stem(self) -> str:
+        kind = "img2img" if self.mask_sha256 is None else "inpaint"
+        return f"{kind}-{self.source_sha256[:12]}-{_slug(self.prompt)}-{self.seed}"
+
+    def a1111_parameters(self) -> str:
+        # As AUTOMATIC1111 writes an img2img image: its denoising strength after the size.
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        sampler = SCHEDULER_LABELS.get(self.scheduler, self.scheduler)
+        lines.append(
+            f"Steps: {self.steps}, Sampler: {sampler}, CFG scale: {self.guidance_scale:g}, Seed: {self.seed}, "
+            f"Size: {self.width}x{self.height}, Model: {self.model}, Denoising strength: {self.strength:g}"
+        )
+        return "\n".join(lines)
+
+
+AnySpec = ImageSpec | DecodedImageSpec | UpscaledImageSpec | EditedImageSpec
 
 
 def guided(guidance_scale: float) -> bool:
@@ -203,6 +239,8 @@ def guided(guidance_scale: float) -> bool:
 
 def spec_from_json(text: str) -> AnySpec:
     fields = json.loads(text)
+    if "strength" in fields:
+        return EditedImageSpec(**fields)
     if "latents_sha256" in fields:
         return DecodedImageSpec(**fields)
     if "source_sha256" in fields:

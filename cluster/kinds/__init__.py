@@ -11,16 +11,16 @@ import sys
 
 from renderfarm.cluster import validate as fields
 from renderfarm.cluster.config import FarmConfig, LimitsConfig
-from renderfarm.cluster.kinds import decode, sweep, upscale
+from renderfarm.cluster.kinds import decode, img2img, inpaint, sweep, upscale
 from renderfarm.cluster.validate import ModelLookup
 from renderfarm.v1 import farm_pb2 as pb
 
-KINDS = {"sweep": sweep, "decode": decode, "upscale": upscale}
+KINDS = {"sweep": sweep, "decode": decode, "upscale": upscale, "img2img": img2img, "inpaint": inpaint}
 # A resumed job is re-planned, not re-admitted: limits are for admission, so a lowered one
 # does not fail a job that is half done.
 NO_LIMITS = LimitsConfig(**{field.name: sys.maxsize for field in dataclasses.fields(LimitsConfig)})
 
-Work = sweep.Sweep | decode.Decode | upscale.Upscale
+Work = sweep.Sweep | decode.Decode | upscale.Upscale | img2img.Edit
 
 
 def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: ModelLookup) -> Work:
@@ -30,7 +30,7 @@ def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: Model
         fields.check_id("request_id", request.request_id)
     name = request.WhichOneof("kind")
     if name not in KINDS:
-        raise fields.invalid("kind", "the request names no job (set sweep, decode or upscale)")
+        raise fields.invalid("kind", "the request names no job (set sweep, decode, upscale, img2img or inpaint)")
     return KINDS[name].validate(getattr(request, name), config, model_info)
 
 

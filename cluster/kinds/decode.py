@@ -39,9 +39,11 @@ class Decode:
 
 
 def validate(decode: pb.DecodeSpec, config: FarmConfig, model_info: ModelLookup) -> Decode:
-    latents = _latents(decode.latents_npy)
+    # Checked as float32, what the VAE takes: a float64 1e300 is finite, and inf once cast.
+    with np.errstate(over="ignore"):
+        latents = _latents(decode.latents_npy).astype(np.float32)
     if not np.isfinite(latents).all():
-        raise fields.invalid("decode.latents_npy", "must hold finite numbers only")
+        raise fields.invalid("decode.latents_npy", "must hold finite numbers only, as float32")
     info = fields.model("decode.model", decode.model, model_info)
     scale, limits = info.vae_scale_factor, config.limits
     if latents.shape[1] != info.latent_channels:
@@ -56,7 +58,6 @@ def validate(decode: pb.DecodeSpec, config: FarmConfig, model_info: ModelLookup)
     overlap = decode.overlap or info.decode_halo * scale
     if overlap < 0 or overlap % scale or overlap > limits.max_side:
         raise fields.invalid("decode.overlap", f"must be a multiple of {scale} from 0 to {limits.max_side} (got {overlap})")
-    latents = latents.astype(np.float32)
     spec = DecodedImageSpec(
         model=decode.model,
         latents_sha256=hashlib.sha256(np.ascontiguousarray(latents).tobytes()).hexdigest(),

@@ -17,10 +17,6 @@ from renderfarm.actors.lora import ADAPTERS_PER_MODEL, lora_digest
 from renderfarm.cluster import validate as fields
 from renderfarm.cluster.config import FarmConfig, LimitsConfig
 from renderfarm.cluster.constants import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_SEED,
-    DEFAULT_STEPS,
-    MAX_SEED,
     SIZE_MULTIPLE,
     UPSCALE_FACTOR,
 )
@@ -141,10 +137,7 @@ def validate(request: pb.SweepSpec, config: FarmConfig, model_info: ModelLookup)
 
 
 def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) -> Sweep:
-    if not sweep.prompts:
-        raise fields.invalid("sweep.prompts", "must hold at least one prompt")
-    if len(sweep.prompts) > limits.max_prompts_per_job:
-        raise fields.invalid("sweep.prompts", f"{len(sweep.prompts)} prompts is over the limit of {limits.max_prompts_per_job}")
+    fields.prompt_count("sweep.prompts", sweep.prompts, limits)
     # Counted from the axes' lengths before any value is read, so a sweep of billions is refused at once.
     axes = (
         sweep.models, sweep.lora_sets, sweep.prompts, sweep.seeds, sweep.guidance_scales, sweep.steps, sweep.sizes,
@@ -154,27 +147,7 @@ def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) ->
     if total > limits.max_images_per_job:
         raise fields.invalid("sweep", f"{total} images is over the limit of {limits.max_images_per_job} per job")
 
-    prompts = _prompts(sweep, limits)
-    fields.text("sweep.negative_prompt", sweep.negative_prompt, limits)
-
-    seeds = tuple(sweep.seeds) or (DEFAULT_SEED,)
-    for i, seed in enumerate(seeds):
-        if not 0 <= seed <= MAX_SEED:
-            raise fields.invalid(f"sweep.seeds[{i}]", f"must be in [0, {MAX_SEED}] (got {seed})")
-
-    guidance_scales = tuple(
-        fields.guidance_scale(f"sweep.guidance_scales[{i}]", scale)
-        for i, scale in enumerate(sweep.guidance_scales or (DEFAULT_GUIDANCE_SCALE,))
-    )
-
-    steps = tuple(sweep.steps) or (DEFAULT_STEPS,)
-    for i, count in enumerate(steps):
-        if not 1 <= count <= limits.max_steps:
-            raise fields.invalid(f"sweep.steps[{i}]", f"must be in [1, {limits.max_steps}] (got {count})")
-
-    for i, name in enumerate(sweep.schedulers):
-        if name not in SCHEDULER_LABELS:
-            raise fields.invalid(f"sweep.schedulers[{i}]", f"unknown scheduler {name!r}; use one of {sorted(SCHEDULER_LABELS)}")
+    axes = fields.render_axes("sweep.", sweep, limits)
 
     for i, size in enumerate(sweep.sizes):
         for side in ("width", "height"):
@@ -188,13 +161,13 @@ def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) ->
 
     return Sweep(
         models=_models(sweep, model_info),
-        prompts=prompts,
-        negative_prompt=sweep.negative_prompt,
-        seeds=seeds,
-        guidance_scales=guidance_scales,
-        steps=steps,
+        prompts=axes.prompts,
+        negative_prompt=axes.negative_prompt,
+        seeds=axes.seeds,
+        guidance_scales=axes.guidance_scales,
+        steps=axes.steps,
         sizes=tuple((s.width, s.height) for s in sweep.sizes),
-        schedulers=tuple(sweep.schedulers),
+        schedulers=axes.schedulers,
         lora_sets=_lora_sets(sweep),
     )
 
@@ -268,11 +241,3 @@ def _chained_upscale(
                 "upscaler (they decode in tiles); upscale them in a job of their own",
             )
     return settings
-
-
-def _prompts(sweep: pb.SweepSpec, limits: LimitsConfig) -> tuple[str, ...]:
-    for i, prompt in enumerate(sweep.prompts):
-        fields.text(f"sweep.prompts[{i}]", prompt, limits)
-        if not prompt.strip():
-            raise fields.invalid(f"sweep.prompts[{i}]", "must not be blank")
-    return tuple(sweep.prompts)

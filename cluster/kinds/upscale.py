@@ -93,7 +93,7 @@ def validate(upscale: pb.UpscaleSpec, config: FarmConfig, model_info: ModelLooku
     )  # fmt: skip
     specs = []
     for i, data in enumerate(upscale.images):
-        width, height = fields.image_size(f"upscale.images[{i}]", data)
+        width, height = fields.decoded_image(f"upscale.images[{i}]", data, limits).size
         # The pipeline rounds the input down to multiples of the VAE's scale factor.
         width, height = width // info.vae_scale_factor * info.vae_scale_factor, height // info.vae_scale_factor * info.vae_scale_factor
         if min(width, height) < TILE_MULTIPLE or max(width, height) * UPSCALE_FACTOR > limits.max_side:

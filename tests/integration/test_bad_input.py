@@ -53,6 +53,29 @@ def png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def corrupt_pixels(data: bytes) -> bytes:
+    """A PNG whose header reads fine (Image.verify() passes) and whose pixel data does not decode."""
+    start = data.index(b"IDAT") + 8
+    return data[:start] + bytes(byte ^ 0x5A for byte in data[start : start + 40]) + data[start + 40 :]
+
+
+def sixteen_bit_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("I;16", (32, 32)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def img2img(**fields) -> pb.SubmitJobRequest:
+    fields = {"model": "builtin:tiny-sd", "images": [png(32, 32)], "prompts": ["a fox"], "steps": [2], **fields}
+    return pb.SubmitJobRequest(img2img=pb.Img2ImgSpec(**fields))
+
+
+def inpaint(**fields) -> pb.SubmitJobRequest:
+    fields = {"model": "builtin:tiny-sd-inpaint", "image": png(32, 32), "mask": png(32, 32), "prompts": ["a fox"],
+              "steps": [2], **fields}  # fmt: skip
+    return pb.SubmitJobRequest(inpaint=pb.InpaintSpec(**fields))
+
+
 def upscale(**fields) -> pb.SubmitJobRequest:
     fields = {"model": "builtin:tiny-sd-x4-upscaler", "images": [png(32, 32)], "steps": 1, **fields}
     return pb.SubmitJobRequest(upscale=pb.UpscaleSpec(**fields))
@@ -98,6 +121,22 @@ CORPUS = [
     ("bad-utf8-job-id", "GetJob", not_utf8(pb.GetJobRequest(job_id=MARKER)), INVALID, "job_id"),
     ("truncated-protobuf", "SubmitJob", sweep(prompts=["a red fox"]).SerializeToString()[:-4], INVALID, "request"),
     ("nan-guidance", "SubmitJob", sweep(guidance_scales=[math.nan]), INVALID, "sweep.guidance_scales[0]"),
+    ("upscale-corrupt-pixels", "SubmitJob", upscale(images=[corrupt_pixels(png(32, 32))]), INVALID, "upscale.images[0]"),
+    ("img2img-no-images", "SubmitJob", img2img(images=[]), INVALID, "img2img.images"),
+    ("img2img-not-an-image", "SubmitJob", img2img(images=[png(32, 32), b"GIF89a nope"]), INVALID, "img2img.images[1]"),
+    ("img2img-corrupt-pixels", "SubmitJob", img2img(images=[corrupt_pixels(png(32, 32))]), INVALID, "img2img.images[0]"),
+    ("img2img-16-bit", "SubmitJob", img2img(images=[sixteen_bit_png()]), INVALID, "img2img.images[0]"),
+    ("img2img-zero-strength", "SubmitJob", img2img(strengths=[0.5, 0.0]), INVALID, "img2img.strengths[1]"),
+    ("img2img-strength-over-1", "SubmitJob", img2img(strengths=[1.5]), INVALID, "img2img.strengths[0]"),
+    ("img2img-no-step", "SubmitJob", img2img(steps=[1], strengths=[0.5]), INVALID, "img2img.strengths[0]"),
+    ("img2img-inpaint-model", "SubmitJob", img2img(model="builtin:tiny-sd-inpaint"), INVALID, "img2img.model"),
+    ("img2img-blank-prompt", "SubmitJob", img2img(prompts=[" "]), INVALID, "img2img.prompts[0]"),
+    ("inpaint-no-mask", "SubmitJob", inpaint(mask=b""), INVALID, "inpaint.mask"),
+    ("inpaint-mask-size", "SubmitJob", inpaint(mask=png(32, 40)), INVALID, "inpaint.mask"),
+    ("inpaint-txt2img-model", "SubmitJob", inpaint(model="builtin:tiny-sd"), INVALID, "inpaint.model"),
+    ("model-segment-over-255-bytes", "SubmitJob", sweep(model="/tmp/" + "m" * 300), INVALID, "sweep.model"),
+    ("model-ref-at-the-4096-limit", "SubmitJob", sweep(model="/tmp/" + "/".join(["m" * 255] * 16)[:4090]), INVALID, "sweep.model"),
+    ("decode-float64-overflow", "SubmitJob", decode(latents_npy=npy(np.full((1, 4, 8, 8), 1e300))), INVALID, "decode.latents_npy"),
     ("sweep-of-an-upscaler", "SubmitJob", sweep(model="builtin:tiny-sd-x4-upscaler"), INVALID, "sweep.model"),
     ("model-and-models", "SubmitJob", sweep(models=["builtin:tiny-sd"]), INVALID, "sweep.models"),
     ("unknown-second-model", "SubmitJob", sweep(model="", models=["builtin:tiny-sd", "builtin:nope"]), INVALID, "sweep.models[1]"),
@@ -270,6 +309,26 @@ def test_a_bad_request_gets_its_code_naming_the_field_and_creates_nothing(
     assert_refused(raised.value, code, field)
     assert job_ids(stub) == jobs_before
     assert stub.GetJob(pb.GetJobRequest(job_id=finished_job.id)).job.state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_a_used_request_id_returns_its_job_for_the_same_request_and_refuses_another(stub):
+    first = stub.SubmitJob(pb.SubmitJobRequest(request_id="reused", sweep=sweep().sweep)).job
+    assert stub.SubmitJob(pb.SubmitJobRequest(request_id="reused", sweep=sweep().sweep)).job.id == first.id
+    jobs_before = job_ids(stub)
+    for other in (sweep(seeds=[7]), decode()):
+        other.request_id = "reused"
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.SubmitJob(other)
+        assert_refused(raised.value, grpc.StatusCode.ALREADY_EXISTS, "request_id")
+        assert first.id in raised.value.details()
+    assert job_ids(stub) == jobs_before
+
+
+def test_a_20kb_bad_value_is_clipped_in_the_error_and_still_names_its_field(stub):
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SubmitJob(sweep(schedulers=["x" * 20_000]))
+    assert_refused(raised.value, INVALID, "sweep.schedulers[0]")
+    assert len(raised.value.details()) < 4096
 
 
 def test_the_corpus_is_at_least_30_distinct_requests():

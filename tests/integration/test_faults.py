@@ -72,20 +72,36 @@ def chaos_bucket(s3_endpoint) -> str:
     return "s3://chaos/runs"
 
 
-# The S3 run is shorter: the guarantees are the store's to keep, the kills' variety is the local run's.
-@pytest.mark.parametrize("store, seeds, kills", [("local", 100, 10), ("s3", 80, 5)])
-def test_killing_denoisers_and_decoders_changes_no_result(start_farm, request, store, seeds, kills):
+def source_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# The S3 and img2img runs are shorter: the guarantees are the store's and the kind's to keep, the kills'
+# variety is the local run's.
+@pytest.mark.parametrize(
+    "store, kind, seeds, kills", [("local", "sweep", 100, 10), ("s3", "sweep", 80, 5), ("local", "img2img", 100, 5)]
+)
+def test_killing_denoisers_and_decoders_changes_no_result(start_farm, request, store, kind, seeds, kills):
     workers = ("DenoiserStage", "DecoderStage")
     others = stage_processes(*workers)
     output = dict(output_dir=None, output=request.getfixturevalue("chaos_bucket")) if store == "s3" else {}
     # Short backoff keeps the test quick; the default attempts stand.
-    farm = start_farm(denoisers=2, decoders=2, max_batch=3, retries=RetryConfig(backoff_s=0.2, max_backoff_s=2.0),
-                      **output)  # fmt: skip
-    sweep = dict(prompts=["a red fox", "a lighthouse"], seeds=range(seeds), **SMALL)
+    # A farm of each run's own, so that its replicas are not among `others`, the processes spared.
+    farm = start_farm(denoisers=2, decoders=2, max_batch=3 if kind == "sweep" else 4,
+                      retries=RetryConfig(backoff_s=0.2, max_backoff_s=2.0), **output)  # fmt: skip
+    prompts = ["a red fox", "a lighthouse"]
+
+    def submit(client):
+        if kind == "img2img":  # the VAE replicas also encode its source, once per job
+            return client.img2img(source_png(), prompts, strength=0.5, seeds=range(seeds), steps=8)
+        return client.sweep(prompts, seeds=range(seeds), **SMALL)
+
     with rf.Client(farm.address) as client:
-        clean = client.sweep(**sweep)
+        clean = submit(client)
         clean.wait()
-        chaotic = client.sweep(**sweep)
+        chaotic = submit(client)
         killed = []
         while len(killed) < kills:
             time.sleep(random.uniform(0.2, 1.5))

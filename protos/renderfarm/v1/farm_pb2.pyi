@@ -184,8 +184,82 @@ class UpscaledImageSpec(_message.Message):
     source: ImageSpec
     def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., noise_level: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile: _Optional[int] = ..., source: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
 
+class Img2ImgSpec(_message.Message):
+    __slots__ = ("model", "images", "prompts", "negative_prompt", "strengths", "seeds", "guidance_scales", "steps", "schedulers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STRENGTHS_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    negative_prompt: str
+    strengths: _containers.RepeatedScalarFieldContainer[float]
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    guidance_scales: _containers.RepeatedScalarFieldContainer[float]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    schedulers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., strengths: _Optional[_Iterable[float]] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scales: _Optional[_Iterable[float]] = ..., steps: _Optional[_Iterable[int]] = ..., schedulers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InpaintSpec(_message.Message):
+    __slots__ = ("model", "image", "mask", "prompts", "negative_prompt", "strengths", "seeds", "guidance_scales", "steps", "schedulers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STRENGTHS_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: bytes
+    mask: bytes
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    negative_prompt: str
+    strengths: _containers.RepeatedScalarFieldContainer[float]
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    guidance_scales: _containers.RepeatedScalarFieldContainer[float]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    schedulers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., strengths: _Optional[_Iterable[float]] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scales: _Optional[_Iterable[float]] = ..., steps: _Optional[_Iterable[int]] = ..., schedulers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EditedImageSpec(_message.Message):
+    __slots__ = ("model", "source_sha256", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "strength", "mask_sha256")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    source_sha256: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    strength: float
+    mask_sha256: str
+    def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., strength: _Optional[float] = ..., mask_sha256: _Optional[str] = ...) -> None: ...
+
 class Job(_message.Message):
-    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "priority", "owner")
+    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "img2img", "inpaint", "priority", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +269,8 @@ class Job(_message.Message):
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
+    IMG2IMG_FIELD_NUMBER: _ClassVar[int]
+    INPAINT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
@@ -206,23 +282,29 @@ class Job(_message.Message):
     sweep: SweepSpec
     decode: DecodeSpec
     upscale: UpscaleSpec
+    img2img: Img2ImgSpec
+    inpaint: InpaintSpec
     priority: int
     owner: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., priority: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("request_id", "sweep", "decode", "upscale", "priority")
+    __slots__ = ("request_id", "sweep", "decode", "upscale", "img2img", "inpaint", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
+    IMG2IMG_FIELD_NUMBER: _ClassVar[int]
+    INPAINT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sweep: SweepSpec
     decode: DecodeSpec
     upscale: UpscaleSpec
+    img2img: Img2ImgSpec
+    inpaint: InpaintSpec
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -287,10 +369,11 @@ class StreamJobEventsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., omit_images: _Optional[bool] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("spec", "decoded", "upscaled", "name", "png", "url", "sha256", "size")
+    __slots__ = ("spec", "decoded", "upscaled", "edited", "name", "png", "url", "sha256", "size")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DECODED_FIELD_NUMBER: _ClassVar[int]
     UPSCALED_FIELD_NUMBER: _ClassVar[int]
+    EDITED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -299,12 +382,13 @@ class ImageResult(_message.Message):
     spec: ImageSpec
     decoded: DecodedImageSpec
     upscaled: UpscaledImageSpec
+    edited: EditedImageSpec
     name: str
     png: bytes
     url: str
     sha256: str
     size: int
-    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., decoded: _Optional[_Union[DecodedImageSpec, _Mapping]] = ..., upscaled: _Optional[_Union[UpscaledImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ..., url: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., decoded: _Optional[_Union[DecodedImageSpec, _Mapping]] = ..., upscaled: _Optional[_Union[UpscaledImageSpec, _Mapping]] = ..., edited: _Optional[_Union[EditedImageSpec, _Mapping]] = ..., name: _Optional[str] = ..., png: _Optional[bytes] = ..., url: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("completed", "total")
