@@ -138,20 +138,10 @@ def denoise(
 
     step_kwargs = txt2img.scheduler_step_kwargs(scheduler, generators)
     guidance = txt2img.guidance_scales(batch, device, dtype)
-    with torch.inference_mode():
-        for t in timesteps:
-            model_input = torch.cat([latents] * 2) if batch.guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            if inpaint:
-                model_input = torch.cat([model_input, conditioning], dim=1)
-            noise_pred = unet(
-                model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False
-            )[0]
-            if batch.guided:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-    return latents
+    return txt2img.sample(
+        unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch, guidance, step_kwargs,
+        conditioning if inpaint else None,
+    )  # fmt: skip
 
 
 def _check(

@@ -124,8 +124,11 @@ class DenoiserStage(_Stage):
         its negative prompt) and `sources` (each item's) index them."""
         count = len(batch.items)
         per_text = [objects[index] for index in texts]
+        components = self._components(model)
+        # Without LoRAs: a sweep's may still be active on this replica's UNet.
+        self._use_loras(model, components.pipeline, {"unet": components.unet}, ())
         latents = img2img.denoise(
-            self._components(model), batch, strength, [objects[index] for index in sources], per_text[:count],
+            components, batch, strength, [objects[index] for index in sources], per_text[:count],
             per_text[count : 2 * count],
         )  # fmt: skip
         self._work_done += count

@@ -195,10 +195,20 @@ def denoise(
     if components.pipeline == SDXL_PIPELINE and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
 
+    return sample(unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch, guidance, step_kwargs)
+
+
+def sample(unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch: DenoiseBatch, guidance, step_kwargs,
+           conditioning: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The pipelines' denoising loop, shared by every kind: the unconditional and text halves in one UNet call
+    when guided, then the guidance mix and the scheduler's step. `conditioning`: channels the UNet also takes
+    (an inpainting model's mask and masked image), after the scaled latents."""
     with torch.inference_mode():
         for t in timesteps:
             model_input = torch.cat([latents] * 2) if batch.guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            if conditioning is not None:
+                model_input = torch.cat([model_input, conditioning], dim=1)
             noise_pred = unet(
                 model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False
             )[0]

@@ -35,6 +35,10 @@ SAFE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 # A model reference is at most a path; Linux's PATH_MAX bounds what a file system call accepts.
 MAX_MODEL_REF_CHARS = 4096
 
+# Jobs a ListJobs reply holds, by default and at most; each listed without its lists, so a reply stays small.
+DEFAULT_LIST_PAGE = 100
+MAX_LIST_PAGE = 1000
+
 # Batches in flight per replica: one running, one queued behind it, so a replica
 # never idles while the scheduler plans.
 BATCHES_IN_FLIGHT_PER_REPLICA = 2

@@ -120,8 +120,8 @@ class Executor:
             self._start_pool(stage)
         # Started by the first job that upscales.
         self._exchange = None
-        # (model, text) -> embedding ref, least recently used first; shared by every job.
-        self._embeddings: OrderedDict[tuple[str, str], ray.ObjectRef] = OrderedDict()
+        # _text_key(model, LoRAs, text) -> embedding ref, least recently used first; shared by every job.
+        self._embeddings: OrderedDict[tuple, ray.ObjectRef] = OrderedDict()
         self._text_cache_hits = 0
         # (model, source) -> SourceLatents ref (img2img, inpaint), least recently used first.
         self._sources: OrderedDict[tuple[str, Source], ray.ObjectRef] = OrderedDict()

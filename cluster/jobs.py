@@ -313,8 +313,20 @@ class JobStore:
 
     def __init__(self, state_dir: Path):
         Path(state_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(state_dir) / DATABASE
         # Used only from the scheduler's event loop thread; statements take microseconds.
-        self._db = sqlite3.connect(Path(state_dir) / DATABASE, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            # A ValueError, so the CLI says it in one line; nothing is written to the file, which stays as it was.
+            raise ValueError(
+                f"the job store {path} cannot be read ({error}): it is truncated or is not a renderfarm job store. "
+                "It is left as it is: restore it from a backup, or move it (with its -wal file) away to start empty"
+            ) from None
+
+    def _open(self) -> None:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode = WAL")
         # In WAL mode, NORMAL loses nothing when the process dies; only an OS crash can drop the last commits.

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 import grpc
+from google.protobuf import unknown_fields
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
@@ -48,13 +49,42 @@ class UnparsableRequest:
 def request_parser(message_class):
     def parse(data: bytes):
         try:
-            return message_class.FromString(data)
+            message = message_class.FromString(data)
         except DecodeError as error:
             if field := bad_utf8_field(message_class.DESCRIPTOR, data):
                 return UnparsableRequest(invalid(field, "is not valid UTF-8"))
             return UnparsableRequest(invalid("request", f"is not a {message_class.DESCRIPTOR.full_name} ({error})"))
+        if error := stray_field(message):
+            return UnparsableRequest(error)
+        return message
 
     return parse
+
+
+WIRE_TYPE_NAMES = {VARINT: "an integer", I64: "a 64-bit number", LEN: "a length-delimited value", I32: "a 32-bit number"}
+
+
+def stray_field(message, prefix: str = "") -> InvalidJobError | None:
+    """The first field protobuf kept aside as unknown: one of another wire type than the field's (seeds sent as
+    doubles), which protobuf drops silently and the job would render with defaults instead, or a field number this
+    farm does not know."""
+    for unknown in unknown_fields.UnknownFieldSet(message):
+        field = message.DESCRIPTOR.fields_by_number.get(unknown.field_number)
+        sent = WIRE_TYPE_NAMES.get(unknown.wire_type, f"wire type {unknown.wire_type}")
+        if field is not None:
+            return invalid(prefix + field.name, f"was sent as {sent}, which a field of its type never is")
+        return invalid(
+            prefix.rstrip(".") or "request",
+            f"holds field number {unknown.field_number} ({sent}), which {message.DESCRIPTOR.full_name} does not have",
+        )
+    for field, value in message.ListFields():
+        if field.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        for index, element in enumerate(value) if field.is_repeated else [(None, value)]:
+            path = f"{prefix}{field.name}" + ("" if index is None else f"[{index}]")
+            if error := stray_field(element, path + "."):
+                return error
+    return None
 
 
 def bad_utf8_field(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:

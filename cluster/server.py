@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 
@@ -14,7 +15,14 @@ from grpc_health.v1._async import HealthServicer
 from renderfarm.cluster import kinds, quotas
 from renderfarm.cluster.auth import Users
 from renderfarm.cluster.config import FarmConfig
-from renderfarm.cluster.constants import DAY_S, RETENTION_CHECK_INTERVAL_S, SERVER_OPTIONS, SHUTDOWN_GRACE_S
+from renderfarm.cluster.constants import (
+    DAY_S,
+    DEFAULT_LIST_PAGE,
+    MAX_LIST_PAGE,
+    RETENTION_CHECK_INTERVAL_S,
+    SERVER_OPTIONS,
+    SHUTDOWN_GRACE_S,
+)
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.keys import User
 from renderfarm.cluster.model_info import ModelInfo, model_info
@@ -30,6 +38,26 @@ log = logging.getLogger(__name__)
 
 # An open farm on these is reachable from this machine only (the embedded farm's case).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _page_start(token: str) -> tuple[float, str] | None:
+    """(created_at, id) of the last job a page listed; (-inf, "") for the first page; None for a bad token."""
+    if not token:
+        return float("-inf"), ""
+    created_at, _, job_id = token.partition("/")
+    try:
+        return float(created_at), job_id
+    except ValueError:
+        return None
+
+
+def _listed(job: pb.Job) -> pb.Job:
+    """A listed job: its kind's lists (prompts, seeds, images...) cleared, so that a page's size is bounded."""
+    kind = getattr(job, job.WhichOneof("kind"))
+    for field in kind.DESCRIPTOR.fields:
+        if field.is_repeated:
+            kind.ClearField(field.name)
+    return job
 
 
 class RenderFarmService:
@@ -99,10 +127,21 @@ class RenderFarmService:
                 "owner",
                 f"owner: {caller.name} is a member, and members list only their own jobs",
             )
-        jobs = (job for job in self._jobs.all() if caller.may_see(job.owner))
+        if not 0 <= request.page_size <= MAX_LIST_PAGE:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_size",
+                        f"page_size: must be 0 to {MAX_LIST_PAGE} (got {request.page_size})")  # fmt: skip
+        after = _page_start(request.page_token)
+        if after is None:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_token",
+                        "page_token: is not one a ListJobs reply gave")  # fmt: skip
+        ordered = sorted(self._jobs.all(), key=lambda job: (job.created_at, job.id))
+        jobs = (job for job in ordered if caller.may_see(job.owner) and (job.created_at, job.id) > after)
         if request.owner:
             jobs = (job for job in jobs if job.owner == request.owner)
-        return pb.ListJobsResponse(jobs=[job.to_pb() for job in jobs])
+        page = list(itertools.islice(jobs, (request.page_size or DEFAULT_LIST_PAGE) + 1))
+        listed, more = page[: request.page_size or DEFAULT_LIST_PAGE], len(page) > (request.page_size or DEFAULT_LIST_PAGE)
+        token = f"{listed[-1].created_at!r}/{listed[-1].id}" if more else ""
+        return pb.ListJobsResponse(jobs=[_listed(job.to_pb()) for job in listed], next_page_token=token)
 
     async def CancelJob(self, request, context, caller: User):
         job = await self._job(request.job_id, context, caller)

@@ -155,6 +155,19 @@ def _integers(values: list, name: str) -> list[int]:
     return [int(value) for value in values]
 
 
+def _integer(value, name: str) -> int:
+    """One integer argument; like _integers, the error names the argument itself."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidJobError(f"{name}: must be an integer (got {value!r})", field=name)
+    return int(value)
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidJobError(f"{name}: must be a number (got {value!r})", field=name)
+    return float(value)
+
+
 def _reals(values: list, name: str) -> list[float]:
     for index, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -165,16 +178,20 @@ def _reals(values: list, name: str) -> list[float]:
 def _texts(values: list, name: str) -> list[str]:
     """Strings that UTF-8 can carry: a lone surrogate ("\\ud800") cannot go on the wire."""
     for index, value in enumerate(values):
-        field = f"{name}[{index}]"
-        if not isinstance(value, str):
-            raise InvalidJobError(f"{field}: must be a string (got {type(value).__name__})", field=field)
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise InvalidJobError(
-                f"{field}: is not valid Unicode ({error.reason} at character {error.start})", field=field
-            ) from None
+        _text(value, f"{name}[{index}]")
     return values
+
+
+def _text(value, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidJobError(f"{field}: must be a string (got {type(value).__name__})", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidJobError(
+            f"{field}: is not valid Unicode ({error.reason} at character {error.start})", field=field
+        ) from None
+    return value
 
 
 def sweep_request(
@@ -213,7 +230,7 @@ def sweep_request(
         models=names if len(names) > 1 else [],
         lora_sets=_lora_sets(loras, lora_scales, lora_sets),
         prompts=prompts,
-        negative_prompt=_texts([negative_prompt or ""], "negative_prompt")[0],
+        negative_prompt=_text(negative_prompt or "", "negative_prompt"),
         seeds=_integers(axis(seeds, "seeds"), "seeds"),
         guidance_scales=_reals(axis(guidance_scale, "guidance_scale"), "guidance_scale"),
         steps=_integers(axis(steps, "steps"), "steps"),
@@ -275,7 +292,9 @@ def decode_request(
 
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(latents), allow_pickle=False)
-    decode = pb.DecodeSpec(model=model, latents_npy=buffer.getvalue(), tile=tile or 0, overlap=overlap or 0)
+    decode = pb.DecodeSpec(
+        model=model, latents_npy=buffer.getvalue(), tile=_integer(tile or 0, "tile"), overlap=_integer(overlap or 0, "overlap")
+    )
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, decode=decode, priority=priority)
 
 
@@ -287,12 +306,17 @@ def upscale_request(
     upscale = pb.UpscaleSpec(
         model=model,
         images=[_image_bytes(image) for image in axis(images, "images")],
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        seed=seed,
-        tile=tile or 0,
+        prompt=_text(prompt, "prompt"),
+        negative_prompt=_text(negative_prompt, "negative_prompt"),
+        seed=_integer(seed, "seed"),
+        tile=_integer(tile or 0, "tile"),
     )
-    _set_given(upscale, noise_level=noise_level, steps=steps, guidance_scale=guidance_scale)
+    _set_given(
+        upscale,
+        noise_level=None if noise_level is None else _integer(noise_level, "noise_level"),
+        steps=None if steps is None else _integer(steps, "steps"),
+        guidance_scale=None if guidance_scale is None else _real(guidance_scale, "guidance_scale"),
+    )
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, upscale=upscale, priority=priority)
 
 
@@ -315,7 +339,7 @@ def _edit_axes(prompts, *, strength, seeds, guidance_scale, steps, negative_prom
     """The axes img2img and inpaint share, as their messages' fields."""
     return dict(
         prompts=_texts(axis(prompts, "prompts"), "prompts"),
-        negative_prompt=_texts([negative_prompt or ""], "negative_prompt")[0],
+        negative_prompt=_text(negative_prompt or "", "negative_prompt"),
         strengths=_reals(axis(strength, "strength"), "strength"),
         seeds=_integers(axis(seeds, "seeds"), "seeds"),
         guidance_scales=_reals(axis(guidance_scale, "guidance_scale"), "guidance_scale"),

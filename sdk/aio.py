@@ -234,8 +234,12 @@ class AsyncClient:
 
     async def jobs(self, owner: str | None = None) -> list[JobStatus]:
         """See Client.jobs."""
-        response = await self._call(self._stub.ListJobs, pb.ListJobsRequest(owner=owner or ""))
-        return [_wire.job_status(j) for j in response.jobs]
+        statuses, token = [], ""
+        while True:
+            reply = await self._call(self._stub.ListJobs, pb.ListJobsRequest(owner=owner or "", page_token=token))
+            statuses += [_wire.job_status(j) for j in reply.jobs]
+            if not (token := reply.next_page_token):
+                return statuses
 
 
 class AsyncJob:

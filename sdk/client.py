@@ -269,8 +269,12 @@ class Client:
     def jobs(self, owner: str | None = None) -> list[JobStatus]:
         """The jobs the caller may see (a member: their own; an admin: everyone's), or only `owner`'s.
         A member naming another user raises PermissionDeniedError."""
-        request = pb.ListJobsRequest(owner=owner or "")
-        return [_wire.job_status(j) for j in self._call(self._stub.ListJobs, request).jobs]
+        statuses, token = [], ""
+        while True:  # page by page, so that no reply is large
+            reply = self._call(self._stub.ListJobs, pb.ListJobsRequest(owner=owner or "", page_token=token))
+            statuses += [_wire.job_status(j) for j in reply.jobs]
+            if not (token := reply.next_page_token):
+                return statuses
 
 
 class Job:

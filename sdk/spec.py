@@ -121,16 +121,9 @@ class ImageSpec(_Spec):
     def _a1111_lines(self) -> list[str]:
         # AUTOMATIC1111 names a LoRA in the prompt, and its hash in "Lora hashes" (the first 12 hex digits).
         loras = self.loras or ()
-        lines = [" ".join([self.prompt, *(f"<lora:{lora.name}:{lora.scale:g}>" for lora in loras)])]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        sampler = SCHEDULER_LABELS.get(self.scheduler, self.scheduler)
-        lines.append(
-            f"Steps: {self.steps}, Sampler: {sampler}, CFG scale: {self.guidance_scale:g}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
-            + (f', Lora hashes: "{", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in loras)}"' if loras else "")
-        )
-        return lines
+        prompt = " ".join([self.prompt, *(f"<lora:{lora.name}:{lora.scale:g}>" for lora in loras)])
+        hashes = f'Lora hashes: "{", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in loras)}"'
+        return _rendered_lines(self, prompt, [hashes] if loras else [])
 
 
 @dataclass(frozen=True)
@@ -216,19 +209,25 @@ class EditedImageSpec(_Spec):
         return f"{kind}-{self.source_sha256[:12]}-{_slug(self.prompt)}-{self.seed}"
 
     def a1111_parameters(self) -> str:
-        # As AUTOMATIC1111 writes an img2img image: its denoising strength after the size.
-        lines = [self.prompt]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        sampler = SCHEDULER_LABELS.get(self.scheduler, self.scheduler)
-        lines.append(
-            f"Steps: {self.steps}, Sampler: {sampler}, CFG scale: {self.guidance_scale:g}, Seed: {self.seed}, "
-            f"Size: {self.width}x{self.height}, Model: {self.model}, Denoising strength: {self.strength:g}"
-        )
-        return "\n".join(lines)
+        # As AUTOMATIC1111 writes an img2img image: its denoising strength after the model.
+        return "\n".join(_rendered_lines(self, self.prompt, [f"Denoising strength: {self.strength:g}"]))
 
 
 AnySpec = ImageSpec | DecodedImageSpec | UpscaledImageSpec | EditedImageSpec
+
+
+def _rendered_lines(spec: ImageSpec | EditedImageSpec, prompt: str, extras: list[str]) -> list[str]:
+    """AUTOMATIC1111's `parameters` text of a rendered image: the prompt, the negative prompt, then the settings."""
+    lines = [prompt]
+    if spec.negative_prompt:
+        lines.append(f"Negative prompt: {spec.negative_prompt}")
+    sampler = SCHEDULER_LABELS.get(spec.scheduler, spec.scheduler)
+    settings = [
+        f"Steps: {spec.steps}", f"Sampler: {sampler}", f"CFG scale: {spec.guidance_scale:g}", f"Seed: {spec.seed}",
+        f"Size: {spec.width}x{spec.height}", f"Model: {spec.model}", *extras,
+    ]  # fmt: skip
+    lines.append(", ".join(settings))
+    return lines
 
 
 def guided(guidance_scale: float) -> bool:

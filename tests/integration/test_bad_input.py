@@ -7,6 +7,7 @@ SDK: the SDK refuses some of these before they are sent.
 
 import io
 import math
+import struct
 import time
 
 import grpc
@@ -34,6 +35,20 @@ def sweep(**fields) -> pb.SubmitJobRequest:
         **fields,
     }
     return pb.SubmitJobRequest(sweep=pb.SweepSpec(**fields))
+
+
+def wire_field(number: int, wire_type: int, payload: bytes) -> bytes:
+    """One raw protobuf field: a key, then the payload (length-prefixed for wire type 2)."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    key = _VarintBytes(number << 3 | wire_type)
+    return key + (_VarintBytes(len(payload)) + payload if wire_type == 2 else payload)
+
+
+def with_sweep_fields(*fields: bytes) -> bytes:
+    """A valid sweep request with extra raw fields appended to its SweepSpec."""
+    spec = sweep().sweep.SerializeToString() + b"".join(fields)
+    return wire_field(2, 2, spec)
 
 
 def npy(array) -> bytes:
@@ -137,6 +152,9 @@ CORPUS = [
     ("model-segment-over-255-bytes", "SubmitJob", sweep(model="/tmp/" + "m" * 300), INVALID, "sweep.model"),
     ("model-ref-at-the-4096-limit", "SubmitJob", sweep(model="/tmp/" + "/".join(["m" * 255] * 16)[:4090]), INVALID, "sweep.model"),
     ("decode-float64-overflow", "SubmitJob", decode(latents_npy=npy(np.full((1, 4, 8, 8), 1e300))), INVALID, "decode.latents_npy"),
+    ("seeds-as-doubles", "SubmitJob", with_sweep_fields(wire_field(4, 1, struct.pack("<d", 7.0))), INVALID, "sweep.seeds"),
+    ("guidance-as-varint", "SubmitJob", with_sweep_fields(wire_field(5, 0, b"\x09")), INVALID, "sweep.guidance_scales"),
+    ("unknown-field", "SubmitJob", with_sweep_fields(wire_field(999, 0, b"\x01")), INVALID, "sweep"),
     ("sweep-of-an-upscaler", "SubmitJob", sweep(model="builtin:tiny-sd-x4-upscaler"), INVALID, "sweep.model"),
     ("model-and-models", "SubmitJob", sweep(models=["builtin:tiny-sd"]), INVALID, "sweep.models"),
     ("unknown-second-model", "SubmitJob", sweep(model="", models=["builtin:tiny-sd", "builtin:nope"]), INVALID, "sweep.models[1]"),
@@ -242,6 +260,8 @@ CORPUS = [
     ("upscale-negative-noise", "SubmitJob", upscale(noise_level=-1), INVALID, "upscale.noise_level"),
     ("upscale-with-a-txt2img-model", "SubmitJob", upscale(model="builtin:tiny-sd"), INVALID, "upscale.model"),
     ("upscale-negative-seed", "SubmitJob", upscale(seed=-5), INVALID, "upscale.seed"),
+    ("list-page-size-over-1000", "ListJobs", pb.ListJobsRequest(page_size=1001), INVALID, "page_size"),
+    ("list-bad-page-token", "ListJobs", pb.ListJobsRequest(page_token="not a token"), INVALID, "page_token"),
     ("get-unknown-job", "GetJob", pb.GetJobRequest(job_id=UNKNOWN_JOB), NOT_FOUND, "job_id"),
     ("cancel-unknown-job", "CancelJob", pb.CancelJobRequest(job_id=UNKNOWN_JOB), NOT_FOUND, "job_id"),
     ("stream-unknown-job", "StreamJobEvents", pb.StreamJobEventsRequest(job_id=UNKNOWN_JOB), NOT_FOUND, "job_id"),
@@ -329,6 +349,24 @@ def test_a_20kb_bad_value_is_clipped_in_the_error_and_still_names_its_field(stub
         stub.SubmitJob(sweep(schedulers=["x" * 20_000]))
     assert_refused(raised.value, INVALID, "sweep.schedulers[0]")
     assert len(raised.value.details()) < 4096
+
+
+def test_job_lists_come_in_bounded_pages_without_the_jobs_lists(stub):
+    for seed in range(3):
+        run_to_end(stub, sweep(seeds=[seed], prompts=["a red fox"] * 1 + [f"prompt {i}" for i in range(50)]))
+    everything = stub.ListJobs(pb.ListJobsRequest(page_size=1000))
+    assert not everything.next_page_token and len(everything.jobs) >= 3
+    paged, token = [], ""
+    while True:
+        reply = stub.ListJobs(pb.ListJobsRequest(page_size=2, page_token=token))
+        assert len(reply.jobs) <= 2
+        paged += [job.id for job in reply.jobs]
+        if not (token := reply.next_page_token):
+            break
+    assert paged == [job.id for job in everything.jobs]
+    assert all(not job.sweep.prompts and not job.sweep.seeds for job in everything.jobs)
+    # GetJob still gives the whole summary.
+    assert len(stub.GetJob(pb.GetJobRequest(job_id=everything.jobs[-1].id)).job.sweep.prompts) == 51
 
 
 def test_the_corpus_is_at_least_30_distinct_requests():

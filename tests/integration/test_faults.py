@@ -81,7 +81,7 @@ def source_png() -> bytes:
 # The S3 and img2img runs are shorter: the guarantees are the store's and the kind's to keep, the kills'
 # variety is the local run's.
 @pytest.mark.parametrize(
-    "store, kind, seeds, kills", [("local", "sweep", 100, 10), ("s3", "sweep", 80, 5), ("local", "img2img", 100, 5)]
+    "store, kind, seeds, kills", [("local", "sweep", 80, 8), ("s3", "sweep", 80, 5), ("local", "img2img", 80, 5)]
 )
 def test_killing_denoisers_and_decoders_changes_no_result(start_farm, request, store, kind, seeds, kills):
     workers = ("DenoiserStage", "DecoderStage")

@@ -133,7 +133,11 @@ def test_another_users_job_answers_exactly_as_an_unknown_one(farm, team):
         # Request ids are each user's own: bob reusing alice's makes bob a job, not a handle on hers.
         mine = bob.sweep("a red fox", seeds=0, request_id="shared-id", **SMALL)
         theirs = alice.sweep("a red fox", seeds=0, request_id="shared-id", **SMALL)
-        assert mine.id != theirs.id and alice.sweep("a fox", request_id="shared-id").id == theirs.id
+        assert mine.id != theirs.id
+        assert alice.sweep("a red fox", seeds=0, request_id="shared-id", **SMALL).id == theirs.id
+        with pytest.raises(rf.InvalidJobError, match=theirs.id) as raised:
+            alice.sweep("a fox", request_id="shared-id")
+        assert raised.value.field == "request_id"
 
         assert job.status().state in (rf.JobState.QUEUED, rf.JobState.RUNNING)
         assert job.status().owner == "alice"

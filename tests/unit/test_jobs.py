@@ -230,3 +230,20 @@ def test_a_store_from_before_owners_keeps_its_jobs_owned_by_no_one(tmp_path):
     reopened = JobStore(tmp_path)
     assert [(j.id, j.owner) for j in reopened.all()] == [("old", ""), (new.id, "alice")]
     assert [name for name, _ in reopened.get("old").results()] == [spec(0).file_name, spec(1).file_name]
+
+
+@pytest.mark.parametrize("damage", ["garbled", "truncated"])
+def test_a_damaged_job_store_is_named_in_one_error_and_kept_as_it_was(tmp_path, damage):
+    from renderfarm.cluster.jobs import DATABASE
+
+    store = JobStore(tmp_path)
+    for _ in range(40):
+        store.create(pb.SubmitJobRequest(sweep=pb.SweepSpec(model="m", prompts=["x" * 2000])), 1, owner="alice")
+    store.close()
+    path = tmp_path / DATABASE
+    data = path.read_bytes()
+    damaged = b"not a database at all" * 100 if damage == "garbled" else data[: len(data) // 3]
+    path.write_bytes(damaged)
+    with pytest.raises(ValueError, match=f"the job store {path} cannot be read"):
+        JobStore(tmp_path)
+    assert path.read_bytes() == damaged

@@ -44,3 +44,34 @@ def test_bytes_that_are_no_message_are_named_as_the_request():
     assert bad_utf8_field(pb.SubmitJobRequest.DESCRIPTOR, data) is None
     assert parsed.error.field == "request"
     assert str(parsed.error).startswith("request: is not a renderfarm.v1.SubmitJobRequest")
+
+
+def raw_field(number: int, wire_type: int, payload: bytes) -> bytes:
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    key = _VarintBytes(number << 3 | wire_type)
+    return key + (_VarintBytes(len(payload)) + payload if wire_type == 2 else payload)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        # Seeds (int64) as a double: protobuf would keep it aside and render seed 0.
+        (raw_field(2, 2, raw_field(4, 1, b"\0" * 8)), "sweep.seeds"),
+        # A size's width (int32) as a fixed32, inside a repeated message.
+        (raw_field(2, 2, raw_field(7, 2, raw_field(1, 5, b"\0" * 4))), "sweep.sizes[0].width"),
+        (raw_field(2, 2, raw_field(500, 0, b"\x01")), "sweep"),
+        (raw_field(77, 0, b"\x01"), "request"),
+    ],
+)
+def test_a_mistyped_or_unknown_field_is_refused_by_name(data, field):
+    parsed = request_parser(pb.SubmitJobRequest)(data)
+    assert isinstance(parsed, UnparsableRequest) and parsed.error.field == field
+
+
+def test_every_well_typed_request_parses_whatever_the_encoding_of_its_repeated_numbers():
+    packed = pb.SubmitJobRequest(sweep=pb.SweepSpec(model="m", seeds=[1, 2], sizes=[pb.Size(width=8, height=8)]))
+    unpacked = raw_field(2, 2, raw_field(1, 2, b"m") + raw_field(4, 0, b"\x01") + raw_field(4, 0, b"\x02")
+                         + raw_field(7, 2, raw_field(1, 0, b"\x08") + raw_field(2, 0, b"\x08")))  # fmt: skip
+    assert request_parser(pb.SubmitJobRequest)(packed.SerializeToString()) == packed
+    assert request_parser(pb.SubmitJobRequest)(unpacked) == packed

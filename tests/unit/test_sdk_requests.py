@@ -89,7 +89,7 @@ def test_each_submission_gets_a_fresh_request_id_unless_given():
         (dict(width=64.5, height=64), "width[0]"),
         (dict(guidance_scale="7"), "guidance_scale[0]"),
         (dict(prompts=["a fox", "a \ud800 lone surrogate"]), "prompts[1]"),
-        (dict(negative_prompt="\udfff"), "negative_prompt[0]"),
+        (dict(negative_prompt="\udfff"), "negative_prompt"),
         (dict(scheduler=["ddim", 3]), "scheduler[1]"),
     ],
 )
@@ -121,3 +121,28 @@ def test_reconnect_backoff_doubles_is_capped_and_ends():
     assert sum(delays) <= RECONNECT_WINDOW_S
     with pytest.raises(FarmUnavailableError, match="could not resume"):
         _wire.next_delay(iter(()), "job-1")
+
+
+@pytest.mark.parametrize(
+    "arguments, field",
+    [
+        (dict(seed=1.5), "seed"),
+        (dict(steps=2.5), "steps"),
+        (dict(noise_level=True), "noise_level"),
+        (dict(guidance_scale="high"), "guidance_scale"),
+        (dict(tile=64.5), "tile"),
+        (dict(prompt="a \ud800 fox"), "prompt"),
+    ],
+)
+def test_upscale_arguments_that_would_be_truncated_or_cannot_travel_name_the_argument(arguments, field):
+    defaults = dict(prompt="", negative_prompt="", noise_level=None, steps=None, guidance_scale=None, seed=0,
+                    model="builtin:tiny-sd-x4-upscaler", tile=None, request_id=None)  # fmt: skip
+    with pytest.raises(InvalidJobError) as raised:
+        _wire.upscale_request(b"png", **{**defaults, **arguments})
+    assert raised.value.field == field
+
+
+def test_a_fractional_decode_tile_names_the_argument():
+    with pytest.raises(InvalidJobError) as raised:
+        _wire.decode_request([[[[0.0]]]], model="builtin:tiny-sd", tile=64.5, overlap=None, request_id=None)
+    assert raised.value.field == "tile"
