@@ -258,8 +258,8 @@ class Farm:
         await asyncio.to_thread(store.check)
         if users.open and self.config.host not in LOOPBACK_HOSTS:
             log.warning("no keys file and no RENDERFARM_TOKEN: the API is open to whoever reaches %s", self.config.host)
-        self.connect_ray()
         self._jobs = JobStore(self.config.state_dir)
+        self.connect_ray()
         self._engine = Engine(
             self.config, self._jobs, store, lambda model: model_info(model, self.config.model_cache_dir)
         )

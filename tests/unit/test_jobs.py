@@ -247,3 +247,14 @@ def test_a_damaged_job_store_is_named_in_one_error_and_kept_as_it_was(tmp_path, 
     with pytest.raises(ValueError, match=f"the job store {path} cannot be read"):
         JobStore(tmp_path)
     assert path.read_bytes() == damaged
+
+
+def test_up_on_a_damaged_job_store_says_which_file_in_one_line_and_exits_2(tmp_path, capsys):
+    from renderfarm.cli import main
+    from renderfarm.cluster.jobs import DATABASE
+
+    (tmp_path / DATABASE).write_bytes(b"garbage" * 500)
+    assert main(["up", "--port", "0", "--state-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"renderfarm: the job store {tmp_path / DATABASE} cannot be read")
+    assert (tmp_path / DATABASE).read_bytes() == b"garbage" * 500
