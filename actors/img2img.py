@@ -15,7 +15,7 @@ The denoiser's latents decode with txt2img.decode, as the pipelines decode their
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import PIL.Image
@@ -98,6 +98,18 @@ def denoise(
 
     A 4-channel UNet runs img2img (sources without masks), a 9-channel one inpaints (sources with masks).
     """
+    return txt2img.final_latents(denoising(components, batch, strength, sources, prompt_embeds, negative_embeds))
+
+
+def denoising(
+    components: txt2img.DenoiseComponents,
+    batch: txt2img.DenoiseBatch,
+    strength: float,
+    sources: Sequence[SourceLatents],
+    prompt_embeds: Sequence[txt2img.TextEmbedding],
+    negative_embeds: Sequence[txt2img.TextEmbedding],
+) -> Iterator[txt2img.Step]:
+    """denoise(), step by step."""
     inpaint = _check(components, batch, strength, sources)
     unet = components.unet
     device, dtype = unet.device, unet.dtype
@@ -138,7 +150,7 @@ def denoise(
 
     step_kwargs = txt2img.scheduler_step_kwargs(scheduler, generators)
     guidance = txt2img.guidance_scales(batch, device, dtype)
-    return txt2img.sample(
+    yield from txt2img.sample(
         unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch, guidance, step_kwargs,
         conditioning if inpaint else None,
     )  # fmt: skip

@@ -11,6 +11,7 @@ import io
 import json
 import resource
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import PIL.Image
 import ray
 import torch
 
-from renderfarm.actors import exchange, img2img, lora, s3, tiled_decode, txt2img, upscale_x4
+from renderfarm.actors import exchange, img2img, lora, previews, s3, tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.actors.s3 import S3Target
 from renderfarm.actors.tiles import Tile
@@ -49,9 +50,10 @@ class _Stage:
         self._work_done = 0
         silence_progress_bars()
 
-    def ready(self) -> str:
-        """The id of the node this replica runs on."""
-        return ray.get_runtime_context().get_node_id()
+    def ready(self) -> tuple[str, str]:
+        """The ids of the node this replica runs on and of the replica itself (the same after a restart)."""
+        context = ray.get_runtime_context()
+        return context.get_node_id(), context.get_actor_id()
 
     def stats(self) -> tuple[str, int, int, int]:
         """(node id, peak resident memory in bytes, models loaded, work done): see cluster/stats.py."""
@@ -103,36 +105,46 @@ class DenoiserStage(_Stage):
 
     def denoise(
         self, model: str, loras: tuple[LoraSpec, ...], batch: txt2img.DenoiseBatch, texts: tuple[int, ...],
-        *embeds: txt2img.TextEmbedding,
-    ) -> torch.Tensor:
+        *embeds: txt2img.TextEmbedding, watch: previews.Watch | None = None,
+    ) -> Iterator:
         """`loras`: applied to the UNet; `embeds`: the batch's distinct text embeddings; `texts`: for each item's
-        prompt, then (if guided) each item's negative prompt, the index of its embedding among them."""
+        prompt, then (if guided) each item's negative prompt, the index of its embedding among them.
+
+        A streaming generator (call with num_returns="streaming"): the StepReports `watch` asks for as the
+        loop runs, then Denoised, then the latents."""
         count = len(batch.items)
         per_text = [embeds[index] for index in texts]
         components = self._components(model)
         self._use_loras(model, components.pipeline, {"unet": components.unet}, loras)
-        latents = txt2img.denoise(components, batch, per_text[:count], per_text[count : 2 * count])
-        self._work_done += count
-        return latents.cpu()
+        steps = txt2img.denoising(components, batch, per_text[:count], per_text[count : 2 * count])
+        yield from self._reported(steps, watch, components.pipeline, count)
 
     def denoise_sources(
         self, model: str, batch: txt2img.DenoiseBatch, strength: float, texts: tuple[int, ...],
-        sources: tuple[int, ...], *objects,
-    ) -> torch.Tensor:
+        sources: tuple[int, ...], *objects, watch: previews.Watch | None = None,
+    ) -> Iterator:
         """img2img and inpainting: each item starts from its source (SourceLatents) noised to `strength`.
         `objects`: the batch's distinct text embeddings and sources; `texts` (each item's prompt, then if guided
-        its negative prompt) and `sources` (each item's) index them."""
+        its negative prompt) and `sources` (each item's) index them. Streams as denoise() does."""
         count = len(batch.items)
         per_text = [objects[index] for index in texts]
         components = self._components(model)
         # Without LoRAs: a sweep's may still be active on this replica's UNet.
         self._use_loras(model, components.pipeline, {"unet": components.unet}, ())
-        latents = img2img.denoise(
+        steps = img2img.denoising(
             components, batch, strength, [objects[index] for index in sources], per_text[:count],
             per_text[count : 2 * count],
         )  # fmt: skip
+        yield from self._reported(steps, watch, components.pipeline, count)
+
+    def _reported(self, steps: Iterator[txt2img.Step], watch: previews.Watch | None, pipeline: str, count: int):
+        reporter = previews.Reporter(watch, pipeline)
+        for step in steps:
+            if (report := reporter.at(step)) is not None:
+                yield report
         self._work_done += count
-        return latents.cpu()
+        yield previews.Denoised()
+        yield step.latents.cpu()
 
 
 class DecoderStage(_Stage):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +179,16 @@ def denoise(
     negative_embeds: Sequence[TextEmbedding],
 ) -> torch.Tensor:
     """The whole scheduler loop in one call; returns the final latents [B, C, h, w]."""
+    return final_latents(denoising(components, batch, prompt_embeds, negative_embeds))
+
+
+def denoising(
+    components: DenoiseComponents,
+    batch: DenoiseBatch,
+    prompt_embeds: Sequence[TextEmbedding],
+    negative_embeds: Sequence[TextEmbedding],
+) -> Iterator[Step]:
+    """denoise(), step by step."""
     unet, vae_scale_factor = components.unet, components.vae_scale_factor
     device, dtype = unet.device, unet.dtype
     scheduler = make_scheduler(batch.scheduler, components.scheduler_config)
@@ -195,16 +205,34 @@ def denoise(
     if components.pipeline == SDXL_PIPELINE and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
 
-    return sample(unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch, guidance, step_kwargs)
+    yield from sample(unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch, guidance, step_kwargs)
+
+
+@dataclass(frozen=True)
+class Step:
+    """The loop after step `index` (1 to `count`): its latents, and the scheduler's estimate of the final sample
+    where its step gives one (else the latents), which previews show."""
+
+    index: int
+    count: int
+    latents: torch.Tensor
+    denoised: torch.Tensor
+
+
+def final_latents(steps: Iterator[Step]) -> torch.Tensor:
+    for step in steps:
+        pass
+    return step.latents
 
 
 def sample(unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch: DenoiseBatch, guidance, step_kwargs,
-           conditioning: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """The pipelines' denoising loop, shared by every kind: the unconditional and text halves in one UNet call
-    when guided, then the guidance mix and the scheduler's step. `conditioning`: channels the UNet also takes
-    (an inpainting model's mask and masked image), after the scaled latents."""
-    with torch.inference_mode():
-        for t in timesteps:
+           conditioning: torch.Tensor | None = None) -> Iterator[Step]:  # fmt: skip
+    """The pipelines' denoising loop, shared by every kind, one Step at a time: the unconditional and text halves
+    in one UNet call when guided, then the guidance mix and the scheduler's step. `conditioning`: channels the
+    UNet also takes (an inpainting model's mask and masked image), after the scaled latents."""
+    for index, t in enumerate(timesteps, 1):
+        # Per step, not around the loop: the caller runs between steps, outside the loop's inference mode.
+        with torch.inference_mode():
             model_input = torch.cat([latents] * 2) if batch.guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if conditioning is not None:
@@ -215,8 +243,10 @@ def sample(unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch
             if batch.guided:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-    return latents
+            # (prev_sample, pred_original_sample) from the schedulers that estimate it; (prev_sample,) otherwise.
+            output = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)
+        latents = output[0]
+        yield Step(index, len(timesteps), latents, output[1] if len(output) > 1 and output[1] is not None else latents)
 
 
 def text_conditioning(

@@ -67,6 +67,8 @@ def main() -> None:
             model_cache_dir=Path(scratch) / "models",
             state_dir=Path(scratch) / "state",
             port=0,
+            metrics_port=None,
+            web_port=None,
             max_batch=args.max_batch,
             denoisers=PoolConfig(replicas=1),
         )

@@ -66,6 +66,8 @@ def main() -> None:
             model_cache_dir=cache,
             state_dir=Path(scratch) / "state",
             port=0,
+            metrics_port=None,
+            web_port=None,
             max_batch=args.max_batch,
             denoisers=PoolConfig(replicas=args.denoisers, num_gpus=1.0 if torch.cuda.is_available() else 0.0),
         )

@@ -122,6 +122,8 @@ def main() -> None:
                 model_cache_dir=Path(scratch) / "cache",
                 state_dir=Path(scratch) / f"state-{decoders}",
                 port=0,
+                metrics_port=None,
+                web_port=None,
                 decoders=PoolConfig(replicas=decoders),
                 limits=LimitsConfig(max_side=max(args.width, args.height, 4096)),
             )

@@ -15,11 +15,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from renderfarm.actors import stages, tiled_decode
+from renderfarm.actors.previews import Denoised, StepReport, Watch
 from renderfarm.actors.s3 import S3Target, StoredImage
 from renderfarm.actors.tiles import plan_tiles
 from renderfarm.actors.txt2img import DenoiseBatch
 from renderfarm.cluster.model_info import ModelInfo
 from renderfarm.spec import LoraSpec
+
+# Called with each StepReport of a batch as it denoises.
+OnReport = Callable[[StepReport], None]
 
 
 class StageContractError(RuntimeError):
@@ -31,9 +35,10 @@ def _expect(method: str, values: Sequence, count: int) -> None:
         raise StageContractError(f"{method} returned {len(values)} values for {count} inputs")
 
 
-async def ready(actor) -> str:
-    """The id of the node the replica runs on, once it has started."""
-    return await actor.ready.remote()
+async def ready(actor) -> tuple[str, str]:
+    """The ids of the node the replica runs on and of the replica (as a RayActorError names it), once it has
+    started."""
+    return tuple(await actor.ready.remote())
 
 
 def stats(actor):
@@ -62,9 +67,10 @@ def encode(actor, model: str, loras: Sequence[LoraSpec], texts: Sequence[str]) -
     return embeddings, done
 
 
-def denoise(actor, model: str, loras: Sequence[LoraSpec], batch: DenoiseBatch, prompt_embeds: Sequence,
-            negative_embeds: Sequence):  # fmt: skip
-    """The latents ref [B, C, h, w].
+async def denoise(actor, model: str, loras: Sequence[LoraSpec], batch: DenoiseBatch, prompt_embeds: Sequence,
+                  negative_embeds: Sequence, watch: Watch | None, on_report: OnReport):  # fmt: skip
+    """The latents ref [B, C, h, w], once the batch is denoised; `on_report` gets the StepReports `watch` asks
+    for as it runs.
 
     Each distinct embedding ref goes once, with each text's index among them: a batch's items mostly
     share their texts, and the replica would otherwise fetch and deserialise one copy per item.
@@ -75,13 +81,17 @@ def denoise(actor, model: str, loras: Sequence[LoraSpec], batch: DenoiseBatch, p
         )
     refs = [*prompt_embeds, *negative_embeds]
     distinct = {ref: index for index, ref in enumerate(dict.fromkeys(refs))}
-    return actor.denoise.remote(model, tuple(loras), batch, tuple(distinct[ref] for ref in refs), *distinct)
+    stream = actor.denoise.options(num_returns="streaming").remote(
+        model, tuple(loras), batch, tuple(distinct[ref] for ref in refs), *distinct, watch=watch
+    )
+    return await _reported("denoise", stream, on_report)
 
 
-def denoise_sources(actor, model: str, batch: DenoiseBatch, strength: float, prompt_embeds: Sequence,
-                    negative_embeds: Sequence, sources: Sequence):  # fmt: skip
+async def denoise_sources(actor, model: str, batch: DenoiseBatch, strength: float, prompt_embeds: Sequence,
+                          negative_embeds: Sequence, sources: Sequence, watch: Watch | None,
+                          on_report: OnReport):  # fmt: skip
     """The latents ref [B, C, h, w] of an img2img or inpaint batch: each item from its source (a SourceLatents ref),
-    noised to `strength`. Distinct refs go once, as in denoise()."""
+    noised to `strength`. Distinct refs go once, and reports stream, as in denoise()."""
     if len(prompt_embeds) != len(batch.items) or len(sources) != len(batch.items) or len(negative_embeds) not in (
         0, len(batch.items)
     ):  # fmt: skip
@@ -91,9 +101,25 @@ def denoise_sources(actor, model: str, batch: DenoiseBatch, strength: float, pro
         )
     texts = [*prompt_embeds, *negative_embeds]
     distinct = {ref: index for index, ref in enumerate(dict.fromkeys([*texts, *sources]))}
-    return actor.denoise_sources.remote(
-        model, batch, strength, tuple(distinct[ref] for ref in texts), tuple(distinct[ref] for ref in sources), *distinct
-    )
+    stream = actor.denoise_sources.options(num_returns="streaming").remote(
+        model, batch, strength, tuple(distinct[ref] for ref in texts), tuple(distinct[ref] for ref in sources),
+        *distinct, watch=watch,
+    )  # fmt: skip
+    return await _reported("denoise_sources", stream, on_report)
+
+
+async def _reported(method: str, stream, on_report: OnReport):
+    """Hands a denoiser stream's reports to `on_report`; returns the ref after Denoised (the latents), unpulled."""
+    async for ref in stream:
+        report = await ref
+        if isinstance(report, Denoised):
+            async for latents in stream:
+                return latents
+        elif isinstance(report, StepReport):
+            on_report(report)
+        else:
+            raise StageContractError(f"{method} streamed a {type(report).__name__} before its latents")
+    raise StageContractError(f"{method} ended without its latents")
 
 
 def encode_source(actor, model: str, source) -> tuple:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renderfarm.cluster.constants import DEFAULT_PORT
+from renderfarm.cluster.constants import DEFAULT_METRICS_PORT, DEFAULT_PORT, DEFAULT_WEB_PORT
 
 
 class ConfigValueError(ValueError):
@@ -117,6 +117,10 @@ class FarmConfig:
     tls_client_ca_file: Path | None = None
     # A second, plaintext port serving only grpc.health.v1: Kubernetes' gRPC probes cannot speak TLS.
     health_port: int | None = None
+    # Prometheus metrics at /metrics (plaintext, no token: what a scraper reads), and the web page (the same
+    # tokens as the API); None turns either off, 0 picks a free port.
+    metrics_port: int | None = DEFAULT_METRICS_PORT
+    web_port: int | None = DEFAULT_WEB_PORT
     # None starts a local Ray instance; "auto" or an address joins a running cluster.
     ray_address: str | None = None
     # Images per denoiser batch; every batch runs at this shape (short ones padded), so that
@@ -152,7 +156,7 @@ class FarmConfig:
         _at_least(self, 1, "presign_expiry_s")
         if self.retention_days is not None:
             _at_least(self, 0, "retention_days")
-        for key in ("port", "health_port"):
+        for key in ("port", "health_port", "metrics_port", "web_port"):
             port = getattr(self, key)
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigValueError(key, f"must be in 1-65535, or 0 for a free port (got {port})")

@@ -3,6 +3,13 @@
 from renderfarm._constants import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, MESSAGE_SIZE_OPTIONS
 
 DEFAULT_PORT = 50051
+# Prometheus metrics (/metrics) and the web page, each on a port of its own; None turns one off.
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_WEB_PORT = 8090
+# Live events: at most this often a denoiser reports a batch's steps (with no previews asked for), and this many
+# unsent live events wait for one listener before the oldest are dropped (a slow client never holds memory).
+STEP_REPORT_INTERVAL_S = 0.25
+LIVE_EVENTS_PER_LISTENER = 256
 
 # Defaults for a sweep's unset axes: diffusers' StableDiffusionPipeline defaults.
 DEFAULT_STEPS = 50

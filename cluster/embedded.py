@@ -21,6 +21,14 @@ class EmbeddedFarm:
     def address(self) -> str:
         return self.farm.address
 
+    @property
+    def metrics_port(self) -> int | None:
+        return self.farm.metrics_port
+
+    @property
+    def web_port(self) -> int | None:
+        return self.farm.web_port
+
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 

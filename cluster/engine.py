@@ -24,6 +24,8 @@ from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import MODELS_PER_REPLICA, REPLICAS_READY_TIMEOUT_S
 from renderfarm.cluster.executor import ClusterGoneError, Executor, Failure, describe
 from renderfarm.cluster.jobs import JobRecord, JobStore
+from renderfarm.cluster.live import LiveEvents
+from renderfarm.cluster.metrics import FarmMetrics
 from renderfarm.cluster.model_info import ModelInfo
 from renderfarm.cluster.results import ResultStore
 from renderfarm.cluster.scheduler import Batch, Item, Scheduler
@@ -35,22 +37,39 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, config: FarmConfig, jobs: JobStore, store: ResultStore,
-                 model_info: Callable[[str], ModelInfo]):  # fmt: skip
+                 model_info: Callable[[str], ModelInfo], metrics: FarmMetrics):  # fmt: skip
         self._config = config
+        self._metrics = metrics
         self._jobs = jobs
         self._store = store
         self._model_info = model_info
         # Upscalers and one-image kinds take one item a call; the denoiser's batch is its fixed shape.
         shapes = {"encoder": 1, "denoiser": config.max_batch, "decoder": 1, "upscaler": 1}
         self._scheduler = Scheduler(shapes, MODELS_PER_REPLICA, config.batch_wait_s)
-        self.executor = Executor(config, self._scheduler, store)
-        self.sink = ResultSink(jobs, store)
+        # Step progress and previews of running jobs, for whoever watches them; never stored.
+        self.live = LiveEvents()
+        self.executor = Executor(config, self._scheduler, store, metrics, self.live, self._preview_every)
+        self.sink = ResultSink(jobs, store, metrics)
         self._active: dict[str, JobRecord] = {}
+        metrics.watch(self._jobs_by_state, self._queued_images, self.executor.replicas_up, self._scheduler.model_loads)
         self._tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
         # Set, with why, when the Ray cluster is gone.
         self.cluster_gone: asyncio.Future | None = None
+
+    def _jobs_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys((state.value for state in JobState), 0)
+        for job in self._jobs.all():
+            counts[job.state.value] += 1
+        return counts
+
+    def _queued_images(self) -> int:
+        return sum(job.total - job.completed for job in list(self._active.values()))
+
+    def _preview_every(self, job_id: str) -> int:
+        job = self._active.get(job_id)
+        return job.preview_every if job is not None else 0
 
     async def start(self) -> None:
         self.cluster_gone = asyncio.get_running_loop().create_future()
@@ -165,6 +184,7 @@ class Engine:
                 if now - item.waiting_since > REPLICAS_READY_TIMEOUT_S:
                     self._fail(job, item, f"found no replica for {REPLICAS_READY_TIMEOUT_S:g} s")
                 else:
+                    self._metrics.item_retries.inc()
                     self._scheduler.retry([item], now + policy.backoff_s)
                 continue
             item.waiting_since = None
@@ -173,6 +193,7 @@ class Engine:
                 self._fail(job, item, f"failed {item.failures} times; the last error: {describe(error)}")
                 continue
             delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** (item.failures - 1))
+            self._metrics.item_retries.inc()
             log.warning("job %s: %s failed (attempt %d of %d), retrying in %.1f s: %s", job.id, _name(item),
                         item.failures, policy.max_attempts, delay, describe(error))  # fmt: skip
             self._scheduler.retry([item], now + delay)

@@ -22,6 +22,7 @@ import enum
 import itertools
 import logging
 import threading
+import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ import ray
 import torch
 
 from renderfarm.actors import stages
+from renderfarm.actors.previews import StepReport
 from renderfarm.actors.txt2img import DenoiseBatch, DenoiseItem
 from renderfarm.actors.upscale_x4 import tile_windows
 from renderfarm.cluster import calls
@@ -47,6 +49,8 @@ from renderfarm.cluster.constants import (
 from renderfarm.cluster.kinds.img2img import Source
 from renderfarm.cluster.kinds.sweep import applied_loras
 from renderfarm.cluster.kinds.upscale import UpscaleSettings
+from renderfarm.cluster.live import LiveEvents
+from renderfarm.cluster.metrics import FarmMetrics
 from renderfarm.cluster.model_info import model_info
 from renderfarm.cluster.results import ResultStore
 from renderfarm.cluster.scheduler import Batch, Item, Scheduler
@@ -94,6 +98,8 @@ class _Pool:
         )
         self.actors = [actor_class.options(**options).remote(model_cache_dir) for _ in range(config.replicas)]
         self.nodes: list[str | None] = [None] * len(self.actors)
+        # Each replica's actor id, by which a RayActorError names it.
+        self.ids: list[str | None] = [None] * len(self.actors)
         self._turn = itertools.cycle(self.actors)
 
     def next(self):
@@ -101,7 +107,8 @@ class _Pool:
         return next(self._turn)
 
     async def ready(self) -> None:
-        self.nodes = list(await asyncio.gather(*(calls.ready(actor) for actor in self.actors)))
+        ready = await asyncio.gather(*(calls.ready(actor) for actor in self.actors))
+        self.nodes, self.ids = [node for node, _ in ready], [actor_id for _, actor_id in ready]
 
     def kill(self) -> None:
         for actor in self.actors:
@@ -109,8 +116,15 @@ class _Pool:
 
 
 class Executor:
-    def __init__(self, config: FarmConfig, scheduler: Scheduler, store: ResultStore):
+    def __init__(self, config: FarmConfig, scheduler: Scheduler, store: ResultStore, metrics: FarmMetrics,
+                 live: LiveEvents, preview_every: Callable[[str], int]):  # fmt: skip
+        """`live`: where a batch's step reports go; `preview_every`: a job's preview interval in steps, by job id."""
         self._config = config
+        self._metrics = metrics
+        # (stage, replica) of replicas whose process died, until they run a batch again.
+        self._down: set[tuple[str, int]] = set()
+        self._live = live
+        self._preview_every = preview_every
         # With an object store, decoders put each PNG there (under the store's key) and return its StoredImage.
         self._store = store
         self._cache_dir = str(config.model_cache_dir)
@@ -158,8 +172,40 @@ class Executor:
 
     async def run(self, batch: Batch, record: Record) -> None:
         """Runs one batch, calling `record` with its results as they finish. Raises the first failure."""
-        self._batches[batch.stage] += 1
-        self._batch_sizes[batch.stage][len(batch.items)] += 1
+        ended = self._call(batch.stage, len(batch.items))
+        try:
+            await self._run(batch, record)
+        except ray.exceptions.RayActorError as error:
+            self._down.update(
+                (stage, index) for stage, pool in self._pools.items() for index, actor_id in enumerate(pool.ids)
+                if actor_id == error.actor_id
+            )  # fmt: skip
+            raise
+        finally:
+            ended()
+        self._answered(batch.stage, batch.replica)
+
+    def _answered(self, stage: str, index: int) -> None:
+        """A call on the replica succeeded: if it had died, Ray has brought it back."""
+        if (stage, index) in self._down:
+            self._down.discard((stage, index))
+            self._metrics.replica_restarts.labels(stage).inc()
+
+    def _call(self, stage: str, size: int) -> Callable[[], None]:
+        """Counts one stage call of `size` images (for Farm.stats() and the metrics); returns what to call when
+        it has ended, which times it."""
+        self._batches[stage] += 1
+        self._batch_sizes[stage][size] += 1
+        self._metrics.batch_size.labels(stage).observe(size)
+        started = time.monotonic()
+        return lambda: self._metrics.batch_duration.labels(stage).observe(time.monotonic() - started)
+
+    def replicas_up(self) -> dict[str, int]:
+        """Replicas by stage, less those whose process died and has not run a batch since."""
+        return {stage: len(pool.actors) - sum(1 for down, _ in self._down if down == stage)
+                for stage, pool in self._pools.items()}  # fmt: skip
+
+    async def _run(self, batch: Batch, record: Record) -> None:
         actor = self._pools[batch.stage].actors[batch.replica]
         if batch.stage == "denoiser":
             await self._render(actor, batch, record)
@@ -198,13 +244,19 @@ class Executor:
         loras = () if sourced else applied_loras(first)
         prompts = await self._embed(model, loras, [s.prompt for s in padded])
         negatives = await self._embed(model, loras, [s.negative_prompt for s in padded]) if denoise_batch.guided else []
+        watch = self._live.watch(items, self._preview_every)
+
+        def on_report(report: StepReport) -> None:
+            self._live.report(items, report, self._preview_every)
+
         if sourced:
             sources = [item.payload for item in items] + [items[0].payload] * (batch.shape - len(items))
-            latents = calls.denoise_sources(
-                actor, model, denoise_batch, first.strength, prompts, negatives, self._source_latents(model, sources)
-            )
+            latents = await calls.denoise_sources(
+                actor, model, denoise_batch, first.strength, prompts, negatives, self._source_latents(model, sources),
+                watch, on_report,
+            )  # fmt: skip
         else:
-            latents = calls.denoise(actor, model, loras, denoise_batch, prompts, negatives)
+            latents = await calls.denoise(actor, model, loras, denoise_batch, prompts, negatives, watch, on_report)
         upscale: UpscaleSettings | None = None if sourced else items[0].payload
         if upscale is not None:
             await self._upscale_chained(items, latents, upscale, record)
@@ -221,18 +273,22 @@ class Executor:
             target = self._store.target
             keys = None if target is None else [self._destination(item, item.spec)[1] for item in items]
             pngs = await self._on_replica(
-                "decoder", model, lambda decoder: calls.decode(decoder, model, latents, specs, target, keys)
+                "decoder", model, len(specs), lambda decoder: calls.decode(decoder, model, latents, specs, target, keys)
             )
             await record(list(zip(items, specs, pngs, strict=True)))
 
-    async def _on_replica(self, stage: str, model: str, call: Callable[[object], Awaitable]):
-        """Runs a follow-on call on the replica of `stage` the scheduler picks, counted there while it runs."""
+    async def _on_replica(self, stage: str, model: str, size: int, call: Callable[[object], Awaitable]):
+        """Runs a follow-on call of `size` images on the replica of `stage` the scheduler picks, counted there
+        while it runs."""
         index = self._scheduler.pick(stage, model)
-        self._batches[stage] += 1
+        ended = self._call(stage, size)
         try:
-            return await call(self._pools[stage].actors[index])
+            result = await call(self._pools[stage].actors[index])
         finally:
+            ended()
             self._scheduler.release(stage, index)
+        self._answered(stage, index)
+        return result
 
     async def _embed(self, model: str, loras: tuple[LoraSpec, ...], texts: list[str]) -> list[ray.ObjectRef]:
         """Each text's embedding ref: from the cache, else encoded, the missing ones in one encoder call."""
@@ -241,15 +297,14 @@ class Executor:
         self._text_cache_hits += len(keys) - len(missing)
         if missing:
             index = self._scheduler.pick("encoder", model)
-            self._batches["encoder"] += 1
-            self._batch_sizes["encoder"][len(missing)] += 1
+            ended = self._call("encoder", len(missing))
             refs, done = calls.encode(self._pools["encoder"].actors[index], model, loras, missing)
             for text, ref in zip(missing, refs, strict=True):
                 self._embeddings[keys[text]] = ref
             while len(self._embeddings) > TEXT_CACHE_ENTRIES:
                 self._embeddings.popitem(last=False)
             # Counted on its replica until the call ends, without pulling the embeddings here.
-            asyncio.ensure_future(done).add_done_callback(lambda ended: self._ended(ended, "encoder", index))
+            asyncio.ensure_future(done).add_done_callback(lambda call: self._ended(call, "encoder", index, ended))
         for key in keys.values():
             self._embeddings.move_to_end(key)
         return [self._embeddings[keys[text]] for text in texts]
@@ -261,20 +316,23 @@ class Executor:
             if (model, source) in self._sources:
                 continue
             index = self._scheduler.pick("decoder", model)
-            self._batches["decoder"] += 1
+            ended = self._call("decoder", 1)
             ref, done = calls.encode_source(self._pools["decoder"].actors[index], model, source)
             self._sources[model, source] = ref
             while len(self._sources) > SOURCE_CACHE_ENTRIES:
                 self._sources.popitem(last=False)
-            asyncio.ensure_future(done).add_done_callback(lambda ended, index=index: self._ended(ended, "decoder", index))
+            asyncio.ensure_future(done).add_done_callback(
+                lambda call, index=index, ended=ended: self._ended(call, "decoder", index, ended)
+            )
         for source in sources:
             self._sources.move_to_end((model, source))
         return [self._sources[model, source] for source in sources]
 
-    def _ended(self, ended: asyncio.Future, stage: str, index: int) -> None:
+    def _ended(self, call: asyncio.Future, stage: str, index: int, ended: Callable[[], None]) -> None:
+        ended()
         self._scheduler.release(stage, index)
-        if not ended.cancelled():
-            ended.exception()  # seen here; the batches that use the results report the failure
+        if not call.cancelled() and call.exception() is None:  # a failure is the batches' to report
+            self._answered(stage, index)
 
     def forget_inputs(self, batch: Batch) -> None:
         """After a failure the batch's cached embeddings and encoded sources may be what failed (lost with a
@@ -296,8 +354,9 @@ class Executor:
         """Sends each image of a denoised batch on through the x4 upscaler; only the 4x images are results."""
         specs = [item.spec for item in items]
         pngs, digests = await self._on_replica(
-            "decoder", items[0].model, lambda decoder: calls.decode_apart(decoder, items[0].model, latents, specs)
-        )
+            "decoder", items[0].model, len(specs),
+            lambda decoder: calls.decode_apart(decoder, items[0].model, latents, specs),
+        )  # fmt: skip
 
         async def one(item: Item, png, digest: str) -> None:
             spec = upscale.chained(item.spec, digest)
@@ -333,7 +392,7 @@ class Executor:
             )
         keys = None if key is None else [key]
         (png,) = await self._on_replica(
-            "decoder", spec.model, lambda decoder: calls.decode(decoder, spec.model, latents, [spec], target, keys)
+            "decoder", spec.model, 1, lambda decoder: calls.decode(decoder, spec.model, latents, [spec], target, keys)
         )
         return png
 
@@ -389,7 +448,7 @@ class Executor:
 
     async def _find(self, pool: _Pool, index: int) -> None:
         try:
-            pool.nodes[index] = await calls.ready(pool.actors[index])
+            pool.nodes[index], _ = await calls.ready(pool.actors[index])
         except ray.exceptions.RayError:
             pass  # still restarting: the next failure looks again
 

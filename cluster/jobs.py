@@ -212,6 +212,10 @@ class JobRecord:
     def priority(self) -> int:
         return self.summary.priority
 
+    @property
+    def preview_every(self) -> int:
+        return self.summary.preview_every
+
     def change_state(self, state: JobState, error: str = "") -> None:
         """The one door for state changes (the engine's); a finished job's state is final."""
         if state not in LEGAL_CHANGES.get(self.state, ()):
@@ -295,6 +299,7 @@ class JobRecord:
             created_at=self.created_at,
             priority=self.priority,
             owner=self.owner,
+            preview_every=self.preview_every,
         )
         kind = self.summary.WhichOneof("kind")
         getattr(job, kind).CopyFrom(getattr(self.summary, kind))

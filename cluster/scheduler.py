@@ -164,6 +164,8 @@ class Scheduler:
         # When a waiting short batch stops waiting.
         self._window_ends: float | None = None
         self._models_per_replica = models_per_replica
+        # Models placed on a replica that did not hold them, by stage: each one a load.
+        self._model_loads: dict[str, int] = {}
         self._replicas: dict[str, list[_Replica]] = {}
         self._levels: dict[int, _Level] = {}
         self._jobs: dict[str, _Job] = {}
@@ -189,6 +191,10 @@ class Scheduler:
     def models(self, stage: str, replica: int) -> list[str]:
         """The models a replica holds as the core tracks them, least recently used first."""
         return list(self._replicas[stage][replica].models)
+
+    def model_loads(self) -> dict[str, int]:
+        """Models placed on a replica that did not hold them (as the core tracks them), by stage."""
+        return dict(self._model_loads)
 
     def forget_models(self, stage: str, replica: int) -> None:
         """A replica restarted (or moved to another node): it holds no model any more."""
@@ -347,6 +353,8 @@ class Scheduler:
         return replica
 
     def _note_model(self, replica: _Replica, model: str) -> None:
+        if model not in replica.models:
+            self._model_loads[replica.stage] = self._model_loads.get(replica.stage, 0) + 1
         replica.models[model] = None
         replica.models.move_to_end(model)
         while len(replica.models) > self._models_per_replica:

@@ -7,12 +7,13 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from renderfarm.cluster import kinds, quotas
+from renderfarm.cluster import kinds, metrics, quotas
 from renderfarm.cluster.auth import Users
 from renderfarm.cluster.config import FarmConfig
 from renderfarm.cluster.constants import (
@@ -23,8 +24,10 @@ from renderfarm.cluster.constants import (
     SERVER_OPTIONS,
     SHUTDOWN_GRACE_S,
 )
+from renderfarm.cluster.http import HttpServer
 from renderfarm.cluster.jobs import JobRecord, JobStore
 from renderfarm.cluster.keys import User
+from renderfarm.cluster.metrics import FarmMetrics
 from renderfarm.cluster.model_info import ModelInfo, model_info
 from renderfarm.cluster.results import ResultStore, result_store
 from renderfarm.cluster.rpc import SERVICE_NAME, abort, abort_invalid, service_handler
@@ -32,6 +35,7 @@ from renderfarm.cluster.stats import FarmStats
 from renderfarm.cluster.tls import server_credentials
 from renderfarm.cluster.validate import check_id
 from renderfarm.errors import InvalidJobError
+from renderfarm.spec import AnySpec
 from renderfarm.v1 import farm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,35 @@ def _listed(job: pb.Job) -> pb.Job:
         if field.is_repeated:
             kind.ClearField(field.name)
     return job
+
+
+class FarmStopping(Exception):
+    """The scheduler is stopping: a stream of a job's events ends before the job does."""
+
+
+async def _merged(stored: AsyncIterator[list], live: asyncio.Queue) -> AsyncIterator[list]:
+    """Runs of stored events, and each live event as a run of one, as they come, until `stored` ends."""
+    next_stored = asyncio.ensure_future(anext(stored))
+    next_live = asyncio.ensure_future(live.get())
+    try:
+        while True:
+            await asyncio.wait((next_stored, next_live), return_when=asyncio.FIRST_COMPLETED)
+            if next_live.done():
+                yield [next_live.result()]
+                next_live = asyncio.ensure_future(live.get())
+            if next_stored.done():
+                try:
+                    events = next_stored.result()
+                except StopAsyncIteration:
+                    return
+                yield events
+                next_stored = asyncio.ensure_future(anext(stored))
+    finally:
+        next_live.cancel()
+        next_stored.cancel()
+        # The generator may be mid-step in the cancelled task: let that end before closing it.
+        await asyncio.gather(next_stored, return_exceptions=True)
+        await stored.aclose()
 
 
 class RenderFarmService:
@@ -110,11 +143,41 @@ class RenderFarmService:
             check_id("job_id", job_id)
         except InvalidJobError as error:
             await abort_invalid(context, error)
-        job = self._jobs.get(job_id)
-        # Another user's job answers exactly as a job that does not exist: ids leak nothing.
-        if job is None or not caller.may_see(job.owner):
+        job = self.visible_job(job_id, caller)
+        if job is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, "job_id", f"job_id: no job {job_id!r}")
         return job
+
+    # -- what the web page reads too ----------------------------------------------------------------
+
+    @property
+    def users(self) -> Users:
+        return self._users
+
+    def visible_job(self, job_id: str, caller: User) -> JobRecord | None:
+        """The job, if `caller` may see it. Another user's job is None exactly as a job that does not exist:
+        ids leak nothing."""
+        job = self._jobs.get(job_id)
+        return job if job is not None and caller.may_see(job.owner) else None
+
+    def visible_jobs(self, caller: User, owner: str = "") -> list[JobRecord]:
+        """The jobs `caller` may see (or only `owner`'s of them), oldest first."""
+        ordered = sorted(self._jobs.all(), key=lambda job: (job.created_at, job.id))
+        return [job for job in ordered if caller.may_see(job.owner) and (not owner or job.owner == owner)]
+
+    def cancel(self, job: JobRecord) -> None:
+        """No more of an unfinished job's items start."""
+        self._engine.cancel(job)
+
+    def result(self, job: JobRecord, name: str) -> tuple[AnySpec, pb.ImageResult] | None:
+        """A result of the job by file name: its spec, and its PNG (or an object store's URL); None if the job
+        has no such result. Reads files: call off the event loop."""
+        for result_name, spec in job.results():
+            if result_name == name:
+                result = pb.ImageResult(name=name)
+                self._store.attach(job.id, result)
+                return spec, result
+        return None
 
     async def GetJob(self, request, context, caller: User):
         return pb.GetJobResponse(job=(await self._job(request.job_id, context, caller)).to_pb())
@@ -134,10 +197,7 @@ class RenderFarmService:
         if after is None:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_token",
                         "page_token: is not one a ListJobs reply gave")  # fmt: skip
-        ordered = sorted(self._jobs.all(), key=lambda job: (job.created_at, job.id))
-        jobs = (job for job in ordered if caller.may_see(job.owner) and (job.created_at, job.id) > after)
-        if request.owner:
-            jobs = (job for job in jobs if job.owner == request.owner)
+        jobs = (job for job in self.visible_jobs(caller, request.owner) if (job.created_at, job.id) > after)
         page = list(itertools.islice(jobs, (request.page_size or DEFAULT_LIST_PAGE) + 1))
         listed, more = page[: request.page_size or DEFAULT_LIST_PAGE], len(page) > (request.page_size or DEFAULT_LIST_PAGE)
         token = f"{listed[-1].created_at!r}/{listed[-1].id}" if more else ""
@@ -152,7 +212,7 @@ class RenderFarmService:
                 "job_id",
                 f"job_id: job {job.id} already ended {job.state.value}",
             )
-        self._engine.cancel(job)
+        self.cancel(job)
         return pb.CancelJobResponse(job=job.to_pb())
 
     async def DeleteJob(self, request, context, caller: User):
@@ -188,13 +248,32 @@ class RenderFarmService:
 
     async def StreamJobEvents(self, request, context, caller: User):
         job = await self._job(request.job_id, context, caller)
-        async for events in self._jobs.follow(job, request.after_seq):
-            if events is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is stopping; resume from the last seq")
-            if not request.omit_images:
-                events = await asyncio.to_thread(self._with_images, job.id, events)
-            for event in events:
+        try:
+            async for event in self.job_events(job, request.after_seq, live=request.live, images=not request.omit_images):
                 yield event
+        except FarmStopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is stopping; resume from the last seq")
+
+    async def job_events(self, job: JobRecord, after_seq: int, *, live: bool, images: bool) -> AsyncIterator[pb.JobEvent]:
+        """The job's stored events after `after_seq` until its final one (with each result's PNG or URL if
+        `images`) and, if `live`, its live events from now on among them. Raises FarmStopping if the scheduler
+        stops first. What StreamJobEvents and the web page stream."""
+        stored = self._stored_events(job, after_seq, images)
+        if not live:
+            async for events in stored:
+                for event in events:
+                    yield event
+            return
+        with self._engine.live.listen(job.id) as queue:
+            async for events in _merged(stored, queue):
+                for event in events:
+                    yield event
+
+    async def _stored_events(self, job: JobRecord, after_seq: int, images: bool) -> AsyncIterator[list[pb.JobEvent]]:
+        async for events in self._jobs.follow(job, after_seq):
+            if events is None:
+                raise FarmStopping()
+            yield (await asyncio.to_thread(self._with_images, job.id, events)) if images else events
 
     def _with_images(self, job_id: str, events: list[pb.JobEvent]) -> list[pb.JobEvent]:
         """The events with each result's PNG (or its presigned URL) put in; one trip to a thread for a whole
@@ -224,8 +303,13 @@ class Farm:
         self.config = config
         self._token = token
         self.port: int | None = None
-        # The plaintext health-only port (config.health_port), when there is one.
+        # The plaintext health-only port (config.health_port), when there is one; the same for /metrics and the
+        # web page.
         self.health_port: int | None = None
+        self.metrics_port: int | None = None
+        self.web_port: int | None = None
+        self._metrics = FarmMetrics()
+        self._http_servers: list[HttpServer] = []
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._retention: asyncio.Task | None = None
@@ -261,7 +345,7 @@ class Farm:
         self._jobs = JobStore(self.config.state_dir)
         self.connect_ray()
         self._engine = Engine(
-            self.config, self._jobs, store, lambda model: model_info(model, self.config.model_cache_dir)
+            self.config, self._jobs, store, lambda model: model_info(model, self.config.model_cache_dir), self._metrics
         )
         await self._engine.start()
         self._service = RenderFarmService(self.config, self._jobs, store, self._engine, users)
@@ -283,15 +367,31 @@ class Farm:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
             await self._health_server.start()
+        if self.config.metrics_port is not None:
+            server = await metrics.serve(self._metrics, self.config.host, self.config.metrics_port)
+            self._http_servers.append(server)
+            self.metrics_port = server.port
+        if self.config.web_port is not None:
+            from renderfarm.cluster import web
+
+            server = await web.serve(self._service, self.config.host, self.config.web_port)
+            self._http_servers.append(server)
+            self.web_port = server.port
         if self.config.retention_days is not None:
             self._retention = asyncio.create_task(self._service.keep_retention(self.config.retention_days))
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("renderfarm serving on %s%s", self.address, " (TLS)" if credentials else "")
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        if self.web_port is not None:
+            log.info("the web page on http://%s:%d/", self.config.host, self.web_port)
 
     async def _stop_servers(self) -> None:
         if self._retention is not None:
             self._retention.cancel()
+        for server in self._http_servers:
+            await server.stop()
         await self._server.stop(SHUTDOWN_GRACE_S)
         if self._health_server is not None:
             await self._health_server.stop(None)

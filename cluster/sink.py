@@ -22,6 +22,7 @@ from collections import defaultdict
 from renderfarm.actors.s3 import StoredImage
 from renderfarm.cluster.constants import MANIFEST_REWRITE_INTERVAL_S
 from renderfarm.cluster.jobs import JobRecord, JobStore, item_key
+from renderfarm.cluster.metrics import FarmMetrics
 from renderfarm.cluster.results import ResultStore
 from renderfarm.spec import AnySpec
 
@@ -31,9 +32,10 @@ Result = tuple[JobRecord, AnySpec, bytes | StoredImage]
 
 
 class ResultSink:
-    def __init__(self, jobs: JobStore, store: ResultStore):
+    def __init__(self, jobs: JobStore, store: ResultStore, metrics: FarmMetrics):
         self._jobs = jobs
         self._store = store
+        self._metrics = metrics
         self._waiting: list[tuple[list[Result], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         # When each running job's manifest was last rewritten (object stores).
@@ -77,11 +79,13 @@ class ResultSink:
         if not new:
             return
         if self._store.rewrites_manifest:
-            self._jobs.add_results([(job, spec, spec.file_name, stored) for job, spec, stored in new])
+            recorded = self._jobs.add_results([(job, spec, spec.file_name, stored) for job, spec, stored in new])
             await self._rewrite_manifests({job.id: job for job, _, _ in new}.values())
         else:
             await asyncio.to_thread(self._write, new)
-            self._jobs.add_results([(job, spec, spec.file_name, None) for job, spec, _ in new])
+            recorded = self._jobs.add_results([(job, spec, spec.file_name, None) for job, spec, _ in new])
+        for job, spec, _, _ in recorded:
+            self._metrics.images.labels(job.summary.WhichOneof("kind"), spec.model).inc()
 
     def _write(self, results: list[Result]) -> None:
         """PNGs first, then manifest lines: a crash in between leaves files that a redo rewrites identically."""

@@ -8,7 +8,7 @@
 This package is the thin SDK: it never imports torch or ray.
 """
 
-from renderfarm._wire import JobState, JobStatus, Result
+from renderfarm._wire import JobState, JobStatus, Preview, Progress, Result, StateChange, StepProgress
 from renderfarm.aio import AsyncClient, AsyncJob
 from renderfarm.client import Client, Job
 from renderfarm.errors import (
@@ -21,6 +21,7 @@ from renderfarm.errors import (
     PermissionDeniedError,
     RenderfarmError,
 )
+from renderfarm.grid import Sheet, grids
 from renderfarm.spec import ImageSpec, read_spec
 
 __all__ = [
@@ -38,7 +39,13 @@ __all__ = [
     "JobState",
     "JobStatus",
     "PermissionDeniedError",
+    "Preview",
+    "Progress",
     "RenderfarmError",
     "Result",
+    "Sheet",
+    "StateChange",
+    "StepProgress",
+    "grids",
     "read_spec",
 ]

@@ -216,6 +216,7 @@ def sweep_request(
     upscale_guidance_scale: float | None = None,
     upscale_tile: int | None = None,
     priority: int = 0,
+    preview_every: int = 0,
     request_id: str | None,
 ) -> pb.SubmitJobRequest:
     priority = priority_value(priority)
@@ -245,7 +246,8 @@ def sweep_request(
             upscale_steps=upscale_steps,
             upscale_guidance_scale=upscale_guidance_scale,
         )
-    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep, priority=priority)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep, priority=priority,
+                               preview_every=_preview_every(preview_every))  # fmt: skip
 
 
 def _lora_sets(loras, lora_scales, lora_sets) -> list[pb.LoraSet]:
@@ -320,19 +322,28 @@ def upscale_request(
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, upscale=upscale, priority=priority)
 
 
-def img2img_request(images, prompts, *, model, priority=0, request_id, **axes) -> pb.SubmitJobRequest:
+def _preview_every(value) -> int:
+    every = _integer(value or 0, "preview_every")
+    if every < 0:
+        raise InvalidJobError(f"preview_every: must be 0 (no previews) or more (got {every})", field="preview_every")
+    return every
+
+
+def img2img_request(images, prompts, *, model, priority=0, preview_every=0, request_id, **axes) -> pb.SubmitJobRequest:
     """`images`: PIL images, paths or encoded bytes, one or a list (an axis)."""
     priority = priority_value(priority)
     spec = pb.Img2ImgSpec(model=model, images=[_image_bytes(image) for image in axis(images, "images")],
                           **_edit_axes(prompts, **axes))  # fmt: skip
-    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, img2img=spec, priority=priority)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, img2img=spec, priority=priority,
+                               preview_every=_preview_every(preview_every))  # fmt: skip
 
 
-def inpaint_request(image, mask, prompts, *, model, priority=0, request_id, **axes) -> pb.SubmitJobRequest:
+def inpaint_request(image, mask, prompts, *, model, priority=0, preview_every=0, request_id, **axes) -> pb.SubmitJobRequest:
     """`image` and `mask` (white = repaint): each a PIL image, a path or encoded bytes."""
     priority = priority_value(priority)
     spec = pb.InpaintSpec(model=model, image=_image_bytes(image), mask=_image_bytes(mask), **_edit_axes(prompts, **axes))
-    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, inpaint=spec, priority=priority)
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, inpaint=spec, priority=priority,
+                               preview_every=_preview_every(preview_every))  # fmt: skip
 
 
 def _edit_axes(prompts, *, strength, seeds, guidance_scale, steps, negative_prompt, scheduler) -> dict:
@@ -363,6 +374,69 @@ def _image_bytes(image) -> bytes:
     buffer = BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """The job entered `state`; `error` says why, with FAILED."""
+
+    state: JobState
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Images done of the job's total."""
+
+    completed: int
+    total: int
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Denoising steps done by one batch of the job's images while it runs (a live event, not stored)."""
+
+    step: int
+    steps: int
+    names: tuple[str, ...]  # the batch's images of this job, by result file name
+
+
+@dataclass(frozen=True)
+class Preview:
+    """An image as it denoises, at `step` of `steps` (a live event, not stored): its latents through a fixed
+    linear latent-to-RGB map, one pixel per latent pixel (width/8 x height/8 for SD and SDXL)."""
+
+    name: str  # the image's result file name
+    step: int
+    steps: int
+    png: bytes = field(repr=False)
+
+    @cached_property
+    def image(self):
+        from PIL import Image
+
+        image = Image.open(BytesIO(self.png))
+        image.load()
+        return image
+
+
+Event = StateChange | Progress | StepProgress | Preview | Result
+
+
+def event(message: pb.JobEvent) -> Event:
+    """The SDK type of one stream event."""
+    kind = message.WhichOneof("kind")
+    if kind == "state":
+        return StateChange(_STATE_FROM_PB[message.state], message.error)
+    if kind == "progress":
+        return Progress(message.progress.completed, message.progress.total)
+    if kind == "step_progress":
+        step = message.step_progress
+        return StepProgress(step.step, step.steps, tuple(step.names))
+    if kind == "preview":
+        preview = message.preview
+        return Preview(preview.name, preview.step, preview.steps, preview.png)
+    return result(message.result)
 
 
 def job_status(job: pb.Job) -> JobStatus:

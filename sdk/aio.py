@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from renderfarm import _wire
+from renderfarm import _wire, grid
 from renderfarm._constants import (
     CHANNEL_OPTIONS,
     DEFAULT_ADDRESS,
@@ -93,6 +93,7 @@ class AsyncClient:
         upscale_guidance_scale: float | None = None,
         upscale_tile: int | None = None,
         priority: int = 0,
+        preview_every: int = 0,
         request_id: str | None = None,
     ) -> AsyncJob:
         """See Client.sweep; `priority` (default 0): higher runs first, strict between levels, fair share within one."""
@@ -117,6 +118,7 @@ class AsyncClient:
             upscale_guidance_scale=upscale_guidance_scale,
             upscale_tile=upscale_tile,
             priority=priority,
+            preview_every=preview_every,
             request_id=request_id,
         )
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
@@ -191,12 +193,14 @@ class AsyncClient:
         scheduler=None,
         model: str = DEFAULT_MODEL,
         priority: int = 0,
+        preview_every: int = 0,
         request_id: str | None = None,
     ) -> AsyncJob:
         """See Client.img2img."""
         request = _wire.img2img_request(
             images, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
             negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            preview_every=preview_every,
             request_id=request_id,
         )  # fmt: skip
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
@@ -215,12 +219,14 @@ class AsyncClient:
         scheduler=None,
         model: str = DEFAULT_INPAINTER,
         priority: int = 0,
+        preview_every: int = 0,
         request_id: str | None = None,
     ) -> AsyncJob:
         """See Client.inpaint."""
         request = _wire.inpaint_request(
             image, mask, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
             negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            preview_every=preview_every,
             request_id=request_id,
         )  # fmt: skip
         return AsyncJob(self, (await self._call(self._stub.SubmitJob, request)).job)
@@ -265,15 +271,16 @@ class AsyncJob:
         """See Client.delete."""
         await self._client.delete(self.id)
 
-    async def _events(self, omit_images: bool = False) -> AsyncIterator[pb.JobEvent]:
+    async def _events(self, omit_images: bool = False, live: bool = False) -> AsyncIterator[pb.JobEvent]:
         client, last_seq = self._client, 0
         delays = _wire.reconnect_delays()
         while True:
-            request = pb.StreamJobEventsRequest(job_id=self.id, after_seq=last_seq, omit_images=omit_images)
+            request = pb.StreamJobEventsRequest(job_id=self.id, after_seq=last_seq, omit_images=omit_images, live=live)
             stream = client._stub.StreamJobEvents(request, metadata=client._metadata)
             try:
                 async for event in stream:
-                    last_seq, delays = event.seq, _wire.reconnect_delays()
+                    # Live events (seq 0) are not stored, so a resumed stream cannot start after them.
+                    last_seq, delays = event.seq or last_seq, _wire.reconnect_delays()
                     yield event
                     if _wire.final_state(event):
                         return
@@ -284,12 +291,23 @@ class AsyncJob:
                 stream.cancel()
             await asyncio.sleep(_wire.next_delay(delays, self.id))
 
+    async def events(self, images: bool = True) -> AsyncIterator[_wire.Event]:
+        """See Job.events."""
+        async for event in self._events(omit_images=not images, live=True):
+            yield _wire.event(event)
+
     async def results(self) -> AsyncIterator[Result]:
         async for event in self._events():
             if event.WhichOneof("kind") == "result":
                 yield _wire.result(event.result)
             elif _wire.final_state(event) == JobState.FAILED:
                 raise JobFailedError(self.id, event.error)
+
+    async def grid(self, x: str, y: str | None = None) -> list[grid.Sheet]:
+        """See Job.grid."""
+        results = [result async for result in self.results()]
+        # Off the event loop: images are decoded (and fetched, from an object store) here.
+        return await asyncio.to_thread(lambda: grid.grids([(result.spec, result.image) for result in results], x, y))
 
     async def wait(self) -> JobStatus:
         async for event in self._events(omit_images=True):

@@ -10,11 +10,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm import tqdm
+
 from renderfarm._constants import DEFAULT_INPAINTER, DEFAULT_MODEL, DEFAULT_UPSCALER
-from renderfarm._wire import JobState
+from renderfarm._wire import Event, JobState, Preview, Progress, Result, StateChange, StepProgress
 from renderfarm.client import Client, Job
 from renderfarm.errors import JobFailedError, RenderfarmError
-from renderfarm.spec import MANIFEST, manifest_line
+from renderfarm.spec import MANIFEST, SPEC_CHUNK, manifest_line, spec_from_json
+
+# Without a terminal, progress is a line this often (seconds).
+PLAIN_LINE_EVERY_S = 5.0
+PREVIEW_HELP = "a preview of each image every N denoising steps, saved in OUT/previews/ (default: none)"
 
 
 def parse_ints(text: str) -> list[int]:
@@ -102,6 +108,8 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     group.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     group.add_argument("--health-port", type=int, help="also serve gRPC health alone, in plaintext, on this port")
+    group.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics on this port (default 9464)")
+    group.add_argument("--web-port", type=int, default=8090, help="the web page on this port (default 8090)")
 
 
 def farm_config(args, state_dir: Path, *, host: str = "127.0.0.1", port: int = 0, **serving):
@@ -143,6 +151,8 @@ def _up_config(args):
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
         health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        web_port=args.web_port,
     )
 
 
@@ -177,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
     _add_client_options(sweep, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
     sweep.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
+    sweep.add_argument("--preview-every", type=int, default=0, metavar="N", help=PREVIEW_HELP)
     chained = sweep.add_argument_group("upscale each image 4x in the farm (its prompt, negative prompt and seed)")
     chained.add_argument("--upscale", type=int, help="4: the results are the 4x images (default: no upscale)")
     chained.add_argument("--upscale-model", default=DEFAULT_UPSCALER, help=f"an x4 upscaler (default {DEFAULT_UPSCALER})")
@@ -230,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "watch":
             command.add_argument("--out", type=Path, help="also save the job's results here")
 
+    grid = commands.add_parser("grid", help="a labelled contact sheet of a sweep's results (one spec field across, one down)")
+    grid.add_argument("job", help="a job's id, or a directory of results (PNGs the farm made)")
+    grid.add_argument("--x", required=True, help="the spec field across, e.g. seed")
+    grid.add_argument("--y", help="the spec field down, e.g. guidance_scale (default: one row)")
+    grid.add_argument("--out", type=Path, required=True, help="the PNG; with more sheets (other fields vary) OUT-1.png, OUT-2.png, ...")
+    _add_client_options(grid)
+
     keys = commands.add_parser("keys", help="the users of a keys file (their tokens, roles, shares and quotas)")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     add = keys_commands.add_parser("add", help="add a user; prints their new token, once")
@@ -252,39 +270,95 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Progress:
-    """A one-line progress bar on stderr with images/s."""
+class JobProgress:
+    """A job's progress on stderr: images done (the running batches' steps count as fractions of an image),
+    the latest batch's step, images/s, steps/s and ETA. A tqdm bar on a terminal; elsewhere (a log, CI) a
+    plain line every PLAIN_LINE_EVERY_S, since carriage returns make a log unreadable."""
 
     def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self._stream = total, 0, stream
-        self._started = time.monotonic()
+        self.total, self.completed, self._stream = total, 0, stream
+        self._running: dict[str, tuple[int, int]] = {}  # image name -> (its last step reported, its steps)
+        self._finished: set[str] = set()  # a step report can arrive after its image's result
+        self._steps_done = 0  # summed over images
+        self._step = ""
+        self._started = self._printed = time.monotonic()
+        self._bar = tqdm(total=total, file=stream, dynamic_ncols=True, bar_format="{bar}| {postfix}") if stream.isatty() else None
 
-    def advance(self) -> None:
-        self.done += 1
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, StepProgress):
+            for name in set(event.names) - self._finished:
+                before = self._running.get(name, (0, 0))[0]
+                if event.step < before:  # its batch was retried from the start
+                    before = 0
+                self._steps_done += event.step - before
+                self._running[name] = (event.step, event.steps)
+            self._step = f"step {event.step}/{event.steps}"
+        elif isinstance(event, Result):
+            # A batch's last steps are not reported: its results say they are done.
+            step, steps = self._running.pop(event.name, (0, 0))
+            self._steps_done += steps - step
+            self._finished.add(event.name)
+            self.completed = min(self.completed + 1, self.total)  # until the Progress that follows says
+            if not self._running:
+                self._step = ""
+        elif isinstance(event, Progress):
+            self.completed, self.total = event.completed, event.total
+        else:
+            return
+        self._show()
+
+    def line(self) -> str:
+        done = self._done()
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        width = 30
-        filled = width * self.done // max(self.total, 1)
-        self._stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.done / elapsed:.2f} images/s"
-        )
-        self._stream.flush()
+        rate = done / elapsed
+        parts = [f"{self.completed}/{self.total} images", self._step, f"{rate:.2f} images/s",
+                 f"{self._steps_done / elapsed:.1f} steps/s" if self._steps_done else "",
+                 f"ETA {tqdm.format_interval((self.total - done) / rate)}" if rate > 0 and done < self.total else ""]  # fmt: skip
+        return ", ".join(part for part in parts if part)
+
+    def _done(self) -> float:
+        """Images done, a running image counting the fraction of its steps done."""
+        return min(self.completed + sum(step / max(steps, 1) for step, steps in self._running.values()), self.total)
+
+    def _show(self) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(self.line(), refresh=False)
+            self._bar.update(self._done() - self._bar.n)
+        elif time.monotonic() - self._printed >= PLAIN_LINE_EVERY_S:
+            self._printed = time.monotonic()
+            print(self.line(), file=self._stream, flush=True)
 
     def close(self) -> None:
-        self._stream.write("\n")
+        if self._bar is not None:
+            self._bar.set_postfix_str(self.line())
+            self._bar.close()
+        else:
+            print(self.line(), file=self._stream, flush=True)
 
 
-def save_results(job: Job, out: Path, total: int) -> int:
-    """Saves every result of the job into `out` (PNG + manifest line), with a progress bar."""
-    out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(total)
-    with open(out / MANIFEST, "a", encoding="utf-8") as manifest:
-        for result in job.results():
-            result.save(out)
-            manifest.write(manifest_line(result.name, result.spec))
-            manifest.flush()
-            progress.advance()
-    progress.close()
-    return progress.done
+def follow(job: Job, out: Path | None) -> int:
+    """Follows the job to its end with progress on stderr; with `out`, saves its results there (PNG and a
+    manifest line each) and its previews under out/previews/. Returns the images done; raises JobFailedError
+    if the job fails."""
+    progress = JobProgress(job.total)
+    with contextlib.ExitStack() as stack:
+        stack.callback(progress.close)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            manifest = stack.enter_context(open(out / MANIFEST, "a", encoding="utf-8"))
+        for event in job.events(images=out is not None):
+            progress.on_event(event)
+            if out is not None and isinstance(event, Result):
+                event.save(out)
+                manifest.write(manifest_line(event.name, event.spec))
+                manifest.flush()
+            elif out is not None and isinstance(event, Preview):
+                previews = out / "previews"
+                previews.mkdir(exist_ok=True)
+                (previews / f"{Path(event.name).stem}-step{event.step:03d}.png").write_bytes(event.png)
+            elif isinstance(event, StateChange) and event.state == JobState.FAILED:
+                raise JobFailedError(job.id, event.error)
+    return progress.completed
 
 
 def _on_farm(args, submit: Callable[[Client], Job]) -> int:
@@ -293,7 +367,7 @@ def _on_farm(args, submit: Callable[[Client], Job]) -> int:
     def run(client: Client) -> int:
         job = submit(client)
         print(f"job {job.id}: {job.total} images -> {args.out}", file=sys.stderr)
-        saved = save_results(job, args.out, job.total)
+        saved = follow(job, args.out)
         status = job.status()
         print(f"job {job.id} {status.state.value}: {saved} images in {args.out}", file=sys.stderr)
         return 0 if status.state == JobState.SUCCEEDED else 1
@@ -309,7 +383,8 @@ def _on_farm(args, submit: Callable[[Client], Job]) -> int:
     # command's farm would resume them.
     with contextlib.ExitStack() as stack:
         state_dir = args.state_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="renderfarm-")))
-        farm = stack.enter_context(EmbeddedFarm(farm_config(args, state_dir)))
+        # A farm for one command serves no page and no metrics: nobody would read them.
+        farm = stack.enter_context(EmbeddedFarm(farm_config(args, state_dir, metrics_port=None, web_port=None)))
         return run(stack.enter_context(Client(farm.address)))
 
 
@@ -338,6 +413,7 @@ def _add_edit_options(parser: argparse.ArgumentParser, model: str, strength: str
     parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs and manifest.jsonl")
     _add_client_options(parser, "HOST:PORT (or grpcs://HOST:PORT) of a running farm; without it a farm runs here")
     parser.add_argument("--priority", type=int, default=0, metavar="N", help=priority_help)
+    parser.add_argument("--preview-every", type=int, default=0, metavar="N", help=PREVIEW_HELP)
     _add_farm_options(parser)
 
 
@@ -345,6 +421,7 @@ def _edit(args) -> int:
     axes = dict(
         strength=args.strength, seeds=args.seeds, guidance_scale=args.guidance, steps=args.steps,
         negative_prompt=args.negative, scheduler=args.scheduler, model=args.model, priority=args.priority,
+        preview_every=args.preview_every,
     )  # fmt: skip
 
     def submit(client: Client) -> Job:
@@ -401,6 +478,7 @@ def _sweep(args) -> int:
             upscale_guidance_scale=args.upscale_guidance,
             upscale_tile=args.upscale_tile,
             priority=args.priority,
+            preview_every=args.preview_every,
         )
 
     return _on_farm(args, submit)
@@ -434,6 +512,35 @@ def _serve(config) -> int:
         # Retrying into a dead cluster helps no one: exit, for the supervisor (Kubernetes, systemd) to restart.
         print(f"renderfarm: {error}", file=sys.stderr)
         return 3
+    return 0
+
+
+def _results_in(directory: Path):
+    """(spec, image) of each result PNG in the directory; other PNGs (a grid saved there) are passed over."""
+    from PIL import Image
+
+    for path in sorted(directory.glob("*.png")):
+        with Image.open(path) as image:
+            if SPEC_CHUNK in image.text:
+                yield spec_from_json(image.text[SPEC_CHUNK]), image.convert("RGB")
+
+
+def _grid(args) -> int:
+    from renderfarm import grid
+
+    directory = Path(args.job)
+    if directory.is_dir():
+        sheets = grid.grids(_results_in(directory), args.x, args.y)
+    else:
+        with _client(args) as client:
+            sheets = client.job(args.job).grid(x=args.x, y=args.y)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for number, sheet in enumerate(sheets, 1):
+        path = out if len(sheets) == 1 else out.with_name(f"{out.stem}-{number}{out.suffix}")
+        sheet.save(path)
+        fixed = ", ".join(grid.label(name, value) for name, value in sheet.fixed.items())
+        print(f"{path}: {len(sheet.rows)} x {len(sheet.columns)}" + (f" ({fixed})" if fixed else ""), file=sys.stderr)
     return 0
 
 
@@ -489,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
             return _edit(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "grid":
+            return _grid(args)
         if args.command == "models":
             from renderfarm.actors.models import resolve_model
 
@@ -508,10 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "watch":
                 job = client.job(args.job_id)
                 with contextlib.suppress(JobFailedError):  # the status line below says so
-                    if args.out:
-                        save_results(job, args.out, job.total)
-                    else:
-                        job.wait()
+                    follow(job, args.out)
                 status = job.status()
                 _print_status(status)
                 return 0 if status.state == JobState.SUCCEEDED else 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from renderfarm import _wire
+from renderfarm import _wire, grid
 from renderfarm._constants import (
     CHANNEL_OPTIONS,
     DEFAULT_ADDRESS,
@@ -101,6 +101,7 @@ class Client:
         upscale_guidance_scale: float | None = None,
         upscale_tile: int | None = None,
         priority: int = 0,
+        preview_every: int = 0,
         request_id: str | None = None,
     ) -> Job:
         """Renders every combination of the given axes; each may be a scalar or a list.
@@ -122,6 +123,9 @@ class Client:
         `priority` (an integer, default 0): higher runs first. Strict between levels: a job's images
         wait while a higher-priority job has images to run; within a level, images are shared fairly
         among its jobs. A non-integer or one outside the int32 range raises InvalidJobError.
+
+        `preview_every=N`: a Preview of each image every N denoising steps, for Job.events() (never
+        stored; previews never change pixels).
         """
         request = _wire.sweep_request(
             prompts=prompts,
@@ -144,6 +148,7 @@ class Client:
             upscale_guidance_scale=upscale_guidance_scale,
             upscale_tile=upscale_tile,
             priority=priority,
+            preview_every=preview_every,
             request_id=request_id,
         )
         return Job(self, self._call(self._stub.SubmitJob, request).job)
@@ -218,6 +223,7 @@ class Client:
         scheduler=None,
         model: str = DEFAULT_MODEL,
         priority: int = 0,
+        preview_every: int = 0,
         request_id: str | None = None,
     ) -> Job:
         """Renders each image (PIL image, path or encoded bytes) again under every combination of the axes, as
@@ -228,6 +234,7 @@ class Client:
         request = _wire.img2img_request(
             images, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
             negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            preview_every=preview_every,
             request_id=request_id,
         )  # fmt: skip
         return Job(self, self._call(self._stub.SubmitJob, request).job)
@@ -246,6 +253,7 @@ class Client:
         scheduler=None,
         model: str = DEFAULT_INPAINTER,
         priority: int = 0,
+        preview_every: int = 0,
         request_id: str | None = None,
     ) -> Job:
         """Repaints `image` where `mask` (the image's size) is white, as StableDiffusionInpaintPipeline does with
@@ -254,6 +262,7 @@ class Client:
         request = _wire.inpaint_request(
             image, mask, prompts, strength=strength, seeds=seeds, guidance_scale=guidance_scale, steps=steps,
             negative_prompt=negative_prompt, scheduler=scheduler, model=model, priority=priority,
+            preview_every=preview_every,
             request_id=request_id,
         )  # fmt: skip
         return Job(self, self._call(self._stub.SubmitJob, request).job)
@@ -299,16 +308,18 @@ class Job:
         """See Client.delete."""
         self._client.delete(self.id)
 
-    def _events(self, omit_images: bool = False) -> Iterator[pb.JobEvent]:
-        """Every event once, in order, resuming after a dropped stream from the last seq seen."""
+    def _events(self, omit_images: bool = False, live: bool = False) -> Iterator[pb.JobEvent]:
+        """Every stored event once, in order, resuming after a dropped stream from the last seq seen; with
+        `live`, the live events (step progress, previews) sent while the stream is open too."""
         client, last_seq = self._client, 0
         delays = _wire.reconnect_delays()
         while True:
-            request = pb.StreamJobEventsRequest(job_id=self.id, after_seq=last_seq, omit_images=omit_images)
+            request = pb.StreamJobEventsRequest(job_id=self.id, after_seq=last_seq, omit_images=omit_images, live=live)
             stream = client._stub.StreamJobEvents(request, metadata=client._metadata)
             try:
                 for event in stream:
-                    last_seq, delays = event.seq, _wire.reconnect_delays()
+                    # Live events (seq 0) are not stored, so a resumed stream cannot start after them.
+                    last_seq, delays = event.seq or last_seq, _wire.reconnect_delays()
                     yield event
                     if _wire.final_state(event):
                         return
@@ -319,6 +330,14 @@ class Job:
                 stream.cancel()
             time.sleep(_wire.next_delay(delays, self.id))
 
+    def events(self, images: bool = True) -> Iterator[_wire.Event]:
+        """Everything that happens to the job, in order, until it ends: StateChange, Progress and Result
+        (each once, as results() gives them; without `images`, results carry no PNG), and while the stream is
+        open the live events too: StepProgress as batches denoise, and with preview_every a Preview of each
+        image every that many steps. A failed job ends with StateChange(FAILED, error); nothing is raised."""
+        for event in self._events(omit_images=not images, live=True):
+            yield _wire.event(event)
+
     def results(self) -> Iterator[Result]:
         """Each result exactly once, in completion order; raises JobFailedError if the job fails."""
         for event in self._events():
@@ -327,6 +346,13 @@ class Job:
                 yield _wire.result(event.result)
             elif _wire.final_state(event) == JobState.FAILED:
                 raise JobFailedError(self.id, event.error)
+
+    def grid(self, x: str, y: str | None = None) -> list[grid.Sheet]:
+        """Waits for the job's results and lays them out as labelled contact sheets: spec field `x` across,
+        `y` down (e.g. x="seed", y="guidance_scale"), one sheet per combination of the other fields that
+        vary. Each sheet has `.image` (PIL) and `.save(path)`. Raises JobFailedError if the job fails, and
+        ValueError naming the axis if it is not a field of the job's specs."""
+        return grid.grids(((result.spec, result.image) for result in self.results()), x, y)
 
     def wait(self) -> JobStatus:
         """Blocks until the job ends; raises JobFailedError if it failed."""

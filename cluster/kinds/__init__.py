@@ -20,6 +20,9 @@ KINDS = {"sweep": sweep, "decode": decode, "upscale": upscale, "img2img": img2im
 # does not fail a job that is half done.
 NO_LIMITS = LimitsConfig(**{field.name: sys.maxsize for field in dataclasses.fields(LimitsConfig)})
 
+# The kinds whose images a denoiser makes, step by step: the ones with step progress and previews.
+PREVIEWED = ("sweep", "img2img", "inpaint")
+
 Work = sweep.Sweep | decode.Decode | upscale.Upscale | img2img.Edit
 
 
@@ -31,6 +34,10 @@ def validate(request: pb.SubmitJobRequest, config: FarmConfig, model_info: Model
     name = request.WhichOneof("kind")
     if name not in KINDS:
         raise fields.invalid("kind", "the request names no job (set sweep, decode, upscale, img2img or inpaint)")
+    if request.preview_every < 0:
+        raise fields.invalid("preview_every", f"must be 0 (no previews) or more (got {request.preview_every})")
+    if request.preview_every and name not in PREVIEWED:
+        raise fields.invalid("preview_every", f"{name} jobs are not previewed; previews are of {', '.join(PREVIEWED)} images")
     return KINDS[name].validate(getattr(request, name), config, model_info)
 
 

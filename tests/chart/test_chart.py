@@ -30,8 +30,9 @@ RELEASE, NAMESPACE = "farm", "render"
 RELEASE_LABELS = {"app.kubernetes.io/name": "renderfarm", "app.kubernetes.io/instance": RELEASE}
 # Kinds whose schemas are CRDs, not Kubernetes': RayCluster is checked against KubeRay's CRD.
 CUSTOM_KINDS = {"RayCluster", "ServiceMonitor"}
-# Ray's GCS, dashboard, client and dashboard agent, and a sample of the raylets' object-manager and worker ports.
-RAY_PORTS = [6379, 8265, 10001, 52365, 8076, 10002, 19999]
+# Ray's GCS, dashboard, client, dashboard agent and metrics (KubeRay's head Service names 8080 whatever the chart
+# does; nothing scrapes it), and a sample of the raylets' object-manager and worker ports.
+RAY_PORTS = [6379, 8265, 10001, 52365, 8080, 8076, 10002, 19999]
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY")
 
 WORKER = {
@@ -89,7 +90,8 @@ VALUE_SETS = {
             "scrapeFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
         },
         "networkPolicy": {"schedulerFrom": [{"namespaceSelector": {}}]},
-        "scheduler": {"service": {"type": "NodePort"}},
+        # A NodePort Service beside the metrics Service, and ports of their own.
+        "scheduler": {"service": {"type": "NodePort"}, "metricsPort": 9100, "webPort": 8081},
     },  # fmt: skip
     "teams": {
         "secrets": {
@@ -231,6 +233,11 @@ def test_farm_toml_loads_into_the_pools_the_values_set(rendered, tmp_path):
     for name, value in values["farm"]["limits"].items():
         assert getattr(config.limits, name) == value
     assert (config.host, config.port) == ("0.0.0.0", values["scheduler"]["port"])
+    # Both always served: farm.toml cannot spell None, so the chart writes both.
+    ports = values["scheduler"]
+    assert (config.metrics_port, config.web_port) == (ports["metricsPort"], ports["webPort"])
+    written = tomllib.loads(farm_toml(manifests))
+    assert (written["metrics_port"], written["web_port"]) == (config.metrics_port, config.web_port)
     assert config.ray_address == f"{one(manifests, 'RayCluster')['metadata']['name']}-head-svc:6379"
 
 
@@ -251,6 +258,8 @@ def test_the_scheduler_mounts_what_farm_toml_names(rendered, tmp_path):
         claim = volumes[name]["persistentVolumeClaim"]["claimName"]
         assert claim in claims or claim == values["persistence"][name]["existingClaim"]
     assert port_of(container, "grpc") == values["scheduler"]["port"] == config.port
+    assert port_of(container, "metrics") == values["scheduler"]["metricsPort"] == config.metrics_port
+    assert port_of(container, "web") == values["scheduler"]["webPort"] == config.web_port
 
 
 @pytest.mark.parametrize(
@@ -260,12 +269,38 @@ def test_the_scheduler_mounts_what_farm_toml_names(rendered, tmp_path):
         {"output": "s3://renders"},
         {"auth": {"keys_file": "/keys.toml"}},
         {"tls_cert_file": "/cert.pem"},
+        {"metrics_port": 9100},
+        {"web_port": 8081},
     ],
 )
 def test_the_chart_refuses_farm_keys_it_sets_itself(chart, farm):
     (key,) = farm
     with pytest.raises(helm.HelmRenderError, match=f"farm.{key} is set by the chart"):
         render(chart, {"farm": farm})
+
+
+@pytest.mark.parametrize(
+    "scheduler, message",
+    [
+        ({"webPort": None}, r"scheduler.webPort must be a port, 1-65535 \(got <nil>\): the web page is always on"),
+        ({"webPort": 0}, r"scheduler.webPort must be a port, 1-65535 \(got 0\)"),
+        ({"metricsPort": 0}, r"scheduler.metricsPort must be a port, 1-65535 \(got 0\)"),
+        ({"metricsPort": 70000}, r"scheduler.metricsPort must be a port"),
+        ({"metricsPort": "9464"}, r"scheduler.metricsPort must be a port"),
+        ({"metricsPort": 9464.5}, r"scheduler.metricsPort must be a port"),
+        ({"webPort": 50051}, "scheduler.port and scheduler.webPort are both 50051"),
+        ({"metricsPort": 8090}, "scheduler.metricsPort and scheduler.webPort are both 8090"),
+    ],
+)
+def test_the_scheduler_ports_are_real_and_distinct(chart, scheduler, message):
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, {"scheduler": scheduler})
+
+
+def test_the_health_port_must_differ_from_the_others_only_with_tls(chart):
+    with pytest.raises(helm.HelmRenderError, match="scheduler.metricsPort and scheduler.healthPort are both 9464"):
+        render(chart, {"scheduler": {"healthPort": 9464}, "secrets": {"tls": {"existingSecret": "farm-tls"}}})
+    render(chart, {"scheduler": {"healthPort": 9464}})  # without TLS there is no health port
 
 
 @pytest.mark.parametrize("ca_secret", ["farm-client-ca", "farm-tls"])  # cert-manager's Secret carries ca.crt too
@@ -461,26 +496,80 @@ def test_rays_ports_admit_only_pods_of_the_release(rendered):
     assert (values["networkPolicy"]["schedulerFrom"] or None) in froms
 
 
-def test_the_metrics_port_opens_only_with_the_service_monitor(rendered):
+def test_the_web_page_admits_whom_grpc_admits_and_metrics_only_the_scrapers(rendered):
     values, manifests = rendered
     policies = [m for m in manifests if m["kind"] == "NetworkPolicy"]
-    head = pod_templates(manifests)["ray-head"]["metadata"]["labels"]
-    froms = [rule.get("from") for rule in admitting_rules(policies, head, 8080)]
+    scheduler = pod_templates(manifests)["scheduler"]["metadata"]["labels"]
+    ports = values["scheduler"]
+
+    def froms(port: int) -> list:
+        return [rule.get("from") for rule in admitting_rules(policies, scheduler, port)]
+
+    release = [{"podSelector": {"matchLabels": RELEASE_LABELS}}]
+    clients = values["networkPolicy"]["schedulerFrom"] or None
+    assert froms(ports["webPort"]) == froms(ports["port"]) == [release, clients]
+    # /metrics has no token: outside the release only the ServiceMonitor's scrapers, and only with it.
     monitoring = values["serviceMonitor"]
-    wanted = [[{"podSelector": {"matchLabels": RELEASE_LABELS}}]]
-    if monitoring["enabled"]:
-        wanted.append(monitoring["scrapeFrom"] or None)
-    assert froms == wanted
+    scrapers = [monitoring["scrapeFrom"] or None] if monitoring["enabled"] else []
+    assert froms(ports["metricsPort"]) == [release, *scrapers]
     assert any(m["kind"] == "ServiceMonitor" for m in manifests) is monitoring["enabled"]
 
 
+def services(manifests: list[dict]) -> dict[str, dict]:
+    return {m["metadata"]["name"]: m for m in manifests if m["kind"] == "Service"}
+
+
+def target(service: dict, name: str, container: dict) -> int:
+    """The container port that the Service's port `name` reaches, as its port number too."""
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == name]
+    assert port["targetPort"] == name and port["port"] == port_of(container, name)
+    return port["port"]
+
+
+def test_the_users_service_carries_grpc_and_the_web_page_never_metrics(rendered):
+    values, manifests = rendered
+    service = services(manifests)["farm-renderfarm"]
+    (container,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert service["spec"]["type"] == values["scheduler"]["service"]["type"]
+    assert [port["name"] for port in service["spec"]["ports"]] == ["grpc", "web"]
+    assert target(service, "grpc", container) == values["scheduler"]["port"]
+    assert target(service, "web", container) == values["scheduler"]["webPort"]
+
+
+def test_the_service_monitor_scrapes_the_schedulers_metrics_port(rendered):
+    values, manifests = rendered
+    if not values["serviceMonitor"]["enabled"]:
+        assert "farm-renderfarm-metrics" not in services(manifests)
+        return
+    monitor = one(manifests, "ServiceMonitor")
+    assert monitor["metadata"]["labels"].items() >= values["serviceMonitor"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == (
+        "metrics", "/metrics", values["serviceMonitor"]["interval"])  # fmt: skip
+    assert endpoint.get("scheme", "http") == "http"  # /metrics is plaintext even with secrets.tls
+    # It selects the metrics Service alone, whose selector is the scheduler pod's.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [s for s in services(manifests).values() if selector.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == ["farm-renderfarm-metrics"]
+    (service,) = selected
+    assert service["spec"]["type"] == "ClusterIP"  # in-cluster whatever scheduler.service.type is
+    pod = one(manifests, "Deployment")["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert [port["name"] for port in service["spec"]["ports"]] == ["metrics"]
+    (container,) = pod["spec"]["containers"]
+    assert target(service, "metrics", container) == values["scheduler"]["metricsPort"]
+
+
 def test_no_service_exposes_ray(rendered):
-    _, manifests = rendered
-    assert [s["metadata"]["name"] for s in manifests if s["kind"] == "Service"] == ["farm-renderfarm"]  # README's
+    values, manifests = rendered
+    names = ["farm-renderfarm"] + (["farm-renderfarm-metrics"] if values["serviceMonitor"]["enabled"] else [])
+    assert list(services(manifests)) == names  # the README's, and the scraper's
     assert one(manifests, "RayCluster")["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
-    for service in (m for m in manifests if m["kind"] == "Service"):
+    for service in services(manifests).values():
         assert service["spec"]["selector"]["app.kubernetes.io/component"] == "scheduler"
-        assert not {port["port"] for port in service["spec"]["ports"]} & {*RAY_PORTS, 8080}
+        assert not {port["port"] for port in service["spec"]["ports"]} & set(RAY_PORTS)
+        if service["spec"]["type"] != "ClusterIP":
+            assert values["scheduler"]["metricsPort"] not in {port["port"] for port in service["spec"]["ports"]}
 
 
 def test_no_secret_is_in_plaintext(rendered):

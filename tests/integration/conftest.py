@@ -52,6 +52,9 @@ def farm_config(tmp_path_factory, model_cache_dir) -> FarmConfig:
         model_cache_dir=model_cache_dir,
         state_dir=tmp_path_factory.mktemp("state"),
         port=0,
+        # Free ports: farms of a test session run side by side.
+        metrics_port=0,
+        web_port=0,
         max_batch=8,
     )
 

@@ -132,7 +132,7 @@ def free_port() -> int:
 def start_scheduler(port: int, state: Path, output: Path, model_cache_dir: Path, log: Path) -> subprocess.Popen:
     """`renderfarm up` joined to the test session's Ray cluster, as a scheduler pod joins its RayCluster."""
     process = subprocess.Popen(
-        [RENDERFARM, "up", "--port", str(port), "--state-dir", str(state), "--output-dir", str(output),
+        [RENDERFARM, "up", "--port", str(port), "--metrics-port", "0", "--web-port", "0", "--state-dir", str(state), "--output-dir", str(output),
          "--model-cache-dir", str(model_cache_dir), "--max-batch", "4",
          "--ray-address", ray.get_runtime_context().gcs_address],  # fmt: skip
         stderr=log.open("a"),

@@ -265,7 +265,7 @@ def test_losing_a_worker_node_mid_sweep_finishes_the_job_exactly_once_on_the_hea
         config = tmp_path / "farm.toml"
         config.write_text(
             f'output_dir = "{output}"\nmodel_cache_dir = "{model_cache_dir}"\nstate_dir = "{tmp_path / "state"}"\n'
-            f'port = 0\nray_address = "{cluster.address}"\nmax_batch = 4\n'
+            f'port = 0\nmetrics_port = 0\nweb_port = 0\nray_address = "{cluster.address}"\nmax_batch = 4\n'
             "[denoisers]\nreplicas = 2\nnum_cpus = 1\n[decoders]\nreplicas = 2\nnum_cpus = 1\n"
             "[retries]\nmax_attempts = 2\nbackoff_s = 0.2\nmax_backoff_s = 1.0\n"
         )
@@ -326,7 +326,7 @@ def test_a_farm_whose_local_ray_dies_exits_for_its_supervisor_and_resumes(victim
     seeds = range(300)
     sweep = dict(seeds=seeds, steps=20, width=64, height=64)
     state, output, log = tmp_path / "state", tmp_path / "output", tmp_path / "up.log"
-    command = [str(BIN / "renderfarm"), "up", "--port", "0", "--state-dir", str(state), "--output-dir", str(output),
+    command = [str(BIN / "renderfarm"), "up", "--port", "0", "--metrics-port", "0", "--web-port", "0", "--state-dir", str(state), "--output-dir", str(output),
                "--model-cache-dir", str(model_cache_dir), "--denoisers", "2", "--decoders", "2", "--max-batch", "4"]  # fmt: skip
     up = spawn(command, log)
     under: list[Proc] = []

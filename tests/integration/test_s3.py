@@ -101,7 +101,7 @@ def strict_s3():
 def serve(tmp_path, model_cache_dir, output: str, **env) -> subprocess.CompletedProcess:
     config = tmp_path / "farm.toml"
     config.write_text(
-        f'output = "{output}"\nmodel_cache_dir = "{model_cache_dir}"\nstate_dir = "{tmp_path / "state"}"\nport = 0\n'
+        f'output = "{output}"\nmodel_cache_dir = "{model_cache_dir}"\nstate_dir = "{tmp_path / "state"}"\nport = 0\nmetrics_port = 0\nweb_port = 0\n'
     )
     return subprocess.run(
         [*RENDERFARM, "serve", "--config", str(config)],

@@ -23,7 +23,7 @@ def served(tmp_path_factory, model_cache_dir):
         f'output_dir = "{directory / "output"}"\n'
         f'model_cache_dir = "{model_cache_dir}"\n'
         f'state_dir = "{directory / "state"}"\n'
-        "port = 0\nmax_batch = 2\n"
+        "port = 0\nmetrics_port = 0\nweb_port = 0\nmax_batch = 2\n"
     )
     process, address = start_serving("serve", "--config", str(config), env={"RENDERFARM_TOKEN": TOKEN})
     yield process, address, directory / "output"

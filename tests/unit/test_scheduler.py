@@ -371,6 +371,8 @@ def test_the_cores_model_view_matches_the_replicas_lru():
         for index in range(2):
             assert core_models(farm, D, index) == list(farm.held.get((D, index), {}))
             assert len(core_models(farm, D, index)) <= 2
+        # What the metrics report as model loads is what the replicas loaded.
+        assert farm.sched.model_loads().get(D, 0) == sum(farm.loads.values())
         # Complete batches in a random order.
         farm.complete(rng.choice(farm.in_flight()))
         farm.now += 1

@@ -39,6 +39,17 @@ app.kubernetes.io/name: {{ include "renderfarm.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The metrics Service's labels, and the part of them the ServiceMonitor selects it by (not the users' Service). */}}
+{{- define "renderfarm.metricsServiceSelector" -}}
+{{ include "renderfarm.selectorLabels" . }}
+app.kubernetes.io/component: scheduler-metrics
+{{- end }}
+
+{{- define "renderfarm.metricsServiceLabels" -}}
+{{ include "renderfarm.labels" . }}
+app.kubernetes.io/component: scheduler-metrics
+{{- end }}
+
 {{- define "renderfarm.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}

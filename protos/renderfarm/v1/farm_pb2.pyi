@@ -259,7 +259,7 @@ class EditedImageSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., strength: _Optional[float] = ..., mask_sha256: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "img2img", "inpaint", "priority", "owner")
+    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "img2img", "inpaint", "priority", "owner", "preview_every")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,7 @@ class Job(_message.Message):
     INPAINT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     total: int
@@ -286,10 +287,11 @@ class Job(_message.Message):
     inpaint: InpaintSpec
     priority: int
     owner: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    preview_every: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ..., owner: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("request_id", "sweep", "decode", "upscale", "img2img", "inpaint", "priority")
+    __slots__ = ("request_id", "sweep", "decode", "upscale", "img2img", "inpaint", "priority", "preview_every")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +299,7 @@ class SubmitJobRequest(_message.Message):
     IMG2IMG_FIELD_NUMBER: _ClassVar[int]
     INPAINT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sweep: SweepSpec
     decode: DecodeSpec
@@ -304,7 +307,8 @@ class SubmitJobRequest(_message.Message):
     img2img: Img2ImgSpec
     inpaint: InpaintSpec
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    preview_every: int
+    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -365,14 +369,16 @@ class DeleteJobResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamJobEventsRequest(_message.Message):
-    __slots__ = ("job_id", "after_seq", "omit_images")
+    __slots__ = ("job_id", "after_seq", "omit_images", "live")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     OMIT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     after_seq: int
     omit_images: bool
-    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., omit_images: _Optional[bool] = ...) -> None: ...
+    live: bool
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., omit_images: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class ImageResult(_message.Message):
     __slots__ = ("spec", "decoded", "upscaled", "edited", "name", "png", "url", "sha256", "size")
@@ -404,18 +410,44 @@ class Progress(_message.Message):
     total: int
     def __init__(self, completed: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
+class StepProgress(_message.Message):
+    __slots__ = ("step", "steps", "names")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    steps: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., steps: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Preview(_message.Message):
+    __slots__ = ("name", "step", "steps", "png")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    step: int
+    steps: int
+    png: bytes
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., png: _Optional[bytes] = ...) -> None: ...
+
 class JobEvent(_message.Message):
-    __slots__ = ("seq", "job_id", "state", "progress", "result", "error")
+    __slots__ = ("seq", "job_id", "state", "progress", "result", "step_progress", "preview", "error")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    STEP_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     seq: int
     job_id: str
     state: JobState
     progress: Progress
     result: ImageResult
+    step_progress: StepProgress
+    preview: Preview
     error: str
-    def __init__(self, seq: _Optional[int] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ImageResult, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ImageResult, _Mapping]] = ..., step_progress: _Optional[_Union[StepProgress, _Mapping]] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
