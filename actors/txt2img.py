@@ -1,7 +1,7 @@
 """Text-to-image, stage by stage, written to match StableDiffusionPipeline and
 StableDiffusionXLPipeline step for step.
 
-Parity with diffusers (DESIGN.md invariant 2) is by construction: each
+Parity with diffusers (the same pixels as its pipeline) is by construction: each
 function below does what the model's pipeline's ``__call__`` does for its
 stage, in the same order and with the same tensors, so at batch 1 on CPU fp32
 the pixels are identical. Batching adds per-item generators and guidance scales.

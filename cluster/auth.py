@@ -2,8 +2,8 @@
 
 The users are the keys file's (re-read whenever it changes, so adding one needs
 no restart) and, with RENDERFARM_TOKEN set, one admin named `admin`. A farm with
-neither is open: every caller is the admin `anonymous`. rpc.service_handler asks
-here on every RenderFarm call; the health service stays open.
+neither is open: every caller is the admin `anonymous`. rpc.CallerGuard asks
+here on every call but the health service's, which stays open.
 """
 
 from __future__ import annotations

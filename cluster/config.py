@@ -6,7 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renderfarm.cluster.constants import DEFAULT_METRICS_PORT, DEFAULT_PORT, DEFAULT_WEB_PORT
+from renderfarm.cluster.constants import (
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PORT,
+    DEFAULT_WEB_PORT,
+    REQUEST_BYTES_BESIDES_SOURCES,
+)
 
 
 class ConfigValueError(ValueError):
@@ -57,11 +62,19 @@ class LimitsConfig:
     max_source_bytes: int = 64 * 1024 * 1024
     # Jobs queued or running at once; one more is refused with RESOURCE_EXHAUSTED.
     max_concurrent_jobs: int = 64
+    # Serialized bytes of one request: gRPC refuses a larger one (RESOURCE_EXHAUSTED) from its length
+    # prefix, unread. The default holds max_source_bytes of images and 16 MiB of everything else.
+    max_request_bytes: int = 80 * 1024 * 1024
 
     def __post_init__(self):
         # Every limit is a count or a size that 0 would make useless; one that means
         # something at 0 needs its own rule here.
         _at_least(self, 1, *(field.name for field in dataclasses.fields(self)))
+        if not self.max_request_bytes >= (least := self.max_source_bytes + REQUEST_BYTES_BESIDES_SOURCES):
+            raise ConfigValueError(
+                "max_request_bytes",
+                f"must be at least max_source_bytes + {REQUEST_BYTES_BESIDES_SOURCES}, {least} (got {self.max_request_bytes})",
+            )
 
 
 @dataclass(frozen=True)

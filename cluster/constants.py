@@ -1,6 +1,6 @@
 """Scheduler-side numbers, each in one place."""
 
-from renderfarm._constants import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, MESSAGE_SIZE_OPTIONS
+from renderfarm._constants import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, MAX_MESSAGE_BYTES
 
 DEFAULT_PORT = 50051
 # Prometheus metrics (/metrics) and the web page, each on a port of its own; None turns one off.
@@ -37,6 +37,10 @@ MAX_SEED = 2**53 - 1
 # Images are made of 8x8 latent cells.
 SIZE_MULTIPLE = 8
 
+# What an img2img or inpaint request carries besides its images (model, prompts, settings), at the
+# least: LimitsConfig.max_request_bytes must leave this much over max_source_bytes.
+REQUEST_BYTES_BESIDES_SOURCES = 1024 * 1024
+
 # Job ids and client-chosen request ids: short, and safe in a file name, a URL or a log line.
 SAFE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 # A model reference is at most a path; Linux's PATH_MAX bounds what a file system call accepts.
@@ -69,7 +73,10 @@ SHUTDOWN_GRACE_S = 5.0
 # The server pings idle clients less often than they ping it: it only needs to
 # free the streams of clients that vanished.
 SERVER_KEEPALIVE_TIME_S = 60
-SERVER_OPTIONS = MESSAGE_SIZE_OPTIONS + (
+# Results are large: replies may be as large as the SDK reads. What the server reads is the farm's
+# LimitsConfig.max_request_bytes, which Farm.start adds.
+SERVER_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_S * 1000),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
     # A server by default answers pings more often than every 5 minutes with GOAWAY
@@ -77,6 +84,10 @@ SERVER_OPTIONS = MESSAGE_SIZE_OPTIONS + (
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_S * 1000 // 2),
     ("grpc.keepalive_permit_without_calls", 1),
 )
+# gRPC clients refuse trailers over 8 KiB (at random from there to 16 KiB). An error's message goes in them
+# more than once: percent-encoded in grpc-message, base64 in the Status, with a field violation's copy.
+# rpc.abort cuts a message whose copies would pass this, leaving room for the other trailers.
+MAX_ERROR_MESSAGE_WIRE_BYTES = 6 * 1024
 
 # An object store's manifest.jsonl (S3 has no append) is rewritten from the results index at most
 # this often while its job runs, and once more when it ends.

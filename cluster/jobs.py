@@ -3,7 +3,7 @@
 Each job has an append-only log of events numbered 1, 2, 3, ...; a stream
 replays the log after a sequence number and then follows it, across scheduler
 restarts. Result events keep the spec and the file name only: image bytes live
-in the result store, never here (DESIGN.md invariant 4).
+in the result store, never here: the scheduler holds no image longer than it takes to store it.
 
 Results are recorded by group commit: every result that arrived while the
 last transaction ran goes into the next one, with its events, keyed by its

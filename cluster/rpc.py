@@ -1,5 +1,6 @@
-"""The service's gRPC method handlers: every call authenticated, then its request bytes parsed so that
-malformed ones are INVALID_ARGUMENT.
+"""The service's gRPC method handlers: every call authenticated from its metadata before its request is
+read (CallerGuard), then its request bytes parsed so that malformed ones are INVALID_ARGUMENT; how every
+error is sent (abort).
 
 grpc answers UNKNOWN when a deserializer raises, and protobuf rejects a whole
 message for one string field that is not UTF-8 without saying which. Here the
@@ -11,14 +12,22 @@ handler answers INVALID_ARGUMENT.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
+from functools import partial
+from typing import NoReturn
 
 import grpc
 from google.protobuf import unknown_fields
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health
+from grpc_status import rpc_status
 
 from renderfarm._constants import FIELD_METADATA_KEY
 from renderfarm.cluster.auth import Users
+from renderfarm.cluster.constants import MAX_ERROR_MESSAGE_WIRE_BYTES
+from renderfarm.cluster.keys import User
 from renderfarm.cluster.validate import invalid
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
@@ -29,14 +38,58 @@ SERVICE_NAME = "renderfarm.v1.RenderFarm"
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
 
-async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, field: str, message: str) -> None:
-    """Ends the call; the message names the field, and so does trailing metadata, for clients that branch on it."""
-    context.set_trailing_metadata(((FIELD_METADATA_KEY, field),))
-    await context.abort(code, message)
+async def abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    field: str | None,
+    message: str,
+    *,
+    details: Iterable[Message] = (),
+) -> NoReturn:
+    """Ends the call with `code` and `message`, and the same as a google.rpc.Status (the grpc-status-details-bin
+    trailer, which generic gRPC tools decode) whose details are a google.rpc.BadRequest naming `field`, the
+    request field at fault, if there is one (None: the error is about no one field), then `details`. The
+    message of an error about a field starts "FIELD: "; the violation's description is the rest. A message too
+    long for gRPC's trailer limit is cut, marked " [...]".
+
+    `field` goes in the renderfarm-field trailer too: SDKs from before the Status read it there."""
+    message = _fitting(message, copies_in_status=1 if field is None else 2)
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if field is not None:
+        description = message.removeprefix(f"{field}: ")
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    for detail in details:
+        status.details.add().Pack(detail)
+    sent = rpc_status.to_status(status)
+    field_trailer = ((FIELD_METADATA_KEY, field),) if field is not None else ()
+    await context.abort(sent.code, sent.details, sent.trailing_metadata + field_trailer)
 
 
-async def abort_invalid(context: grpc.aio.ServicerContext, error: InvalidJobError) -> None:
-    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, error.field or "", str(error))
+def _fitting(message: str, copies_in_status: int) -> str:
+    """`message`, cut where its copies on the wire would pass MAX_ERROR_MESSAGE_WIRE_BYTES: grpc-message
+    percent-encodes every byte but printable ASCII, and the Status travels base64."""
+    spent = 0.0
+    for index, char in enumerate(message):
+        utf8 = char.encode()
+        spent += sum(1 if 0x20 <= byte < 0x7F and byte != ord("%") else 3 for byte in utf8)
+        spent += copies_in_status * len(utf8) * 4 / 3
+        if spent > MAX_ERROR_MESSAGE_WIRE_BYTES:
+            return message[:index] + " [...]"
+    return message
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, error: InvalidJobError) -> NoReturn:
+    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, error.field, str(error))
+
+
+async def abort_unauthenticated(context: grpc.aio.ServicerContext) -> NoReturn:
+    await abort(
+        context,
+        grpc.StatusCode.UNAUTHENTICATED,
+        None,
+        "missing or wrong API token: set RENDERFARM_TOKEN to a token this farm knows (or pass token=)",
+    )
 
 
 class UnparsableRequest:
@@ -142,50 +195,86 @@ def _is_utf8(value: bytes) -> bool:
     return True
 
 
-def service_handler(servicer, users: Users) -> grpc.GenericRpcHandler:
-    """The RenderFarm methods of `servicer`, read off the service descriptor so that none is left
-    unguarded: each authenticates its caller first (UNAUTHENTICATED without a known token), then
-    parses the request (INVALID_ARGUMENT if it cannot be), then runs `servicer.NAME(request,
-    context, caller)`. Request bytes are parsed only for a caller who is known."""
+def service_handler(servicer) -> grpc.GenericRpcHandler:
+    """The RenderFarm methods of `servicer`, read off the service descriptor so that none is left out: each
+    parses the request (INVALID_ARGUMENT if it cannot be), then runs `servicer.NAME(request, context, caller)`.
+    Their behaviours take the caller as a third argument, which CallerGuard gives them: served without the
+    guard, a call fails instead of running for nobody."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["RenderFarm"].methods:
         behaviour, parse = getattr(servicer, method.name), request_parser(getattr(pb, method.input_type.name))
         if method.server_streaming:
-            make_handler, behaviour = grpc.unary_stream_rpc_method_handler, _checked_stream(behaviour, parse, users)
+            make_handler, behaviour = grpc.unary_stream_rpc_method_handler, _parsing_stream(behaviour, parse)
         else:
-            make_handler, behaviour = grpc.unary_unary_rpc_method_handler, _checked_unary(behaviour, parse, users)
+            make_handler, behaviour = grpc.unary_unary_rpc_method_handler, _parsing_unary(behaviour, parse)
         handlers[method.name] = make_handler(
             behaviour, response_serializer=getattr(pb, method.output_type.name).SerializeToString
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-async def _admitted(data: bytes, context, parse, users: Users):
-    """(the parsed request, the caller), or the call ends UNAUTHENTICATED or INVALID_ARGUMENT."""
-    caller = users.authenticate(context.invocation_metadata())
-    if caller is None:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "missing or wrong API token: set RENDERFARM_TOKEN to a token this farm knows (or pass token=)",
-        )
+async def _parsed(data: bytes, context, parse):
+    """The parsed request, or the call ends INVALID_ARGUMENT."""
     request = parse(data)
     if isinstance(request, UnparsableRequest):
         await abort_invalid(context, request.error)
-    return request, caller
+    return request
 
 
-def _checked_unary(behaviour, parse, users: Users):
-    async def unary(data, context):
-        request, caller = await _admitted(data, context, parse, users)
-        return await behaviour(request, context, caller)
+def _parsing_unary(behaviour, parse):
+    async def unary(data, context, caller: User):
+        return await behaviour(await _parsed(data, context, parse), context, caller)
 
     return unary
 
 
-def _checked_stream(behaviour, parse, users: Users):
-    async def stream(data, context):
-        request, caller = await _admitted(data, context, parse, users)
-        async for response in behaviour(request, context, caller):
+def _parsing_stream(behaviour, parse):
+    async def stream(data, context, caller: User):
+        async for response in behaviour(await _parsed(data, context, parse), context, caller):
             yield response
 
     return stream
+
+
+class CallerGuard(grpc.aio.ServerInterceptor):
+    """Who may call: every call but the health service's (probes carry no token) needs a token the farm
+    knows, reflection's too (the service list and schema are the API's, and grpc_reflection checks no token).
+    The token is checked from the call's metadata, before its request is read, so a stranger cannot make the
+    farm take in a request; the RenderFarm methods are given the caller."""
+
+    def __init__(self, users: Users):
+        self._users = users
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(f"/{health.SERVICE_NAME}/"):
+            return await continuation(handler_call_details)
+        caller = self._users.authenticate(handler_call_details.invocation_metadata)
+        if caller is None:
+            return REFUSED
+        handler = await continuation(handler_call_details)
+        if handler is not None and method.startswith(f"/{SERVICE_NAME}/"):
+            return _with_caller(handler, caller)
+        return handler
+
+
+def _with_caller(handler: grpc.RpcMethodHandler, caller: User) -> grpc.RpcMethodHandler:
+    """A service_handler handler whose behaviour is given `caller`."""
+    if handler.response_streaming:
+        make_handler, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    else:
+        make_handler, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    return make_handler(
+        partial(behaviour, caller=caller),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _refused(requests, context) -> NoReturn:
+    await abort_unauthenticated(context)
+
+
+# A stream-request handler, whatever the method: grpc reads a unary request whole before its behaviour runs,
+# a stream's messages only as the behaviour asks, and this one never does. The client sees the same status.
+REFUSED = grpc.stream_stream_rpc_method_handler(_refused)

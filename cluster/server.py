@@ -10,8 +10,10 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from renderfarm.cluster import kinds, metrics, quotas
 from renderfarm.cluster.auth import Users
@@ -25,12 +27,12 @@ from renderfarm.cluster.constants import (
     SHUTDOWN_GRACE_S,
 )
 from renderfarm.cluster.http import HttpServer
-from renderfarm.cluster.jobs import JobRecord, JobStore
+from renderfarm.cluster.jobs import STATE_TO_PB, JobRecord, JobStore
 from renderfarm.cluster.keys import User
 from renderfarm.cluster.metrics import FarmMetrics
 from renderfarm.cluster.model_info import ModelInfo, model_info
 from renderfarm.cluster.results import ResultStore, result_store
-from renderfarm.cluster.rpc import SERVICE_NAME, abort, abort_invalid, service_handler
+from renderfarm.cluster.rpc import SERVICE_NAME, CallerGuard, abort, abort_invalid, service_handler
 from renderfarm.cluster.stats import FarmStats
 from renderfarm.cluster.tls import server_credentials
 from renderfarm.cluster.validate import check_id
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # An open farm on these is reachable from this machine only (the embedded farm's case).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The job states a ListJobs filter may name (not UNSPECIFIED, nor a number no state has).
+STATE_NUMBERS = frozenset(STATE_TO_PB.values())
 
 
 def _page_start(token: str) -> tuple[float, str] | None:
@@ -94,7 +98,7 @@ async def _merged(stored: AsyncIterator[list], live: asyncio.Queue) -> AsyncIter
 
 
 class RenderFarmService:
-    """The RenderFarm methods; rpc.service_handler calls each with the authenticated caller."""
+    """The RenderFarm methods; rpc.service_handler calls each with the caller rpc.CallerGuard authenticated."""
 
     def __init__(self, config: FarmConfig, jobs: JobStore, store: ResultStore, engine, users: Users):
         self._config = config
@@ -108,7 +112,9 @@ class RenderFarmService:
         if request.request_id and (existing := self._jobs.by_request_id(caller.name, request.request_id)):
             return await self._same_job(existing, request, context)
         if self._draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the farm is shutting down; submit again once it is back")
+            await abort(
+                context, grpc.StatusCode.UNAVAILABLE, None, "the farm is shutting down; submit again once it is back"
+            )
         try:
             # Resolving a model may build or read files: keep it off the event loop.
             work = await asyncio.to_thread(kinds.validate, request, self._config, self._model_info)
@@ -119,7 +125,9 @@ class RenderFarmService:
             return await self._same_job(existing, request, context)
         # No await between this check and the create below, so concurrent submissions cannot both pass.
         if refused := quotas.refusal(self._config.limits, caller, self._jobs, work.total, time.time()):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message)
+            violation = error_details_pb2.QuotaFailure.Violation(quota_id=refused.limit, description=refused.message)
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, None, refused.message,
+                        details=[error_details_pb2.QuotaFailure(violations=[violation])])  # fmt: skip
         job = self._jobs.create(request, work.total, owner=caller.name)
         self._engine.submit(job, work, caller.weight)
         return pb.SubmitJobResponse(job=job.to_pb())
@@ -145,7 +153,11 @@ class RenderFarmService:
             await abort_invalid(context, error)
         job = self.visible_job(job_id, caller)
         if job is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, "job_id", f"job_id: no job {job_id!r}")
+            message = f"job_id: no job {job_id!r}"
+            resource = error_details_pb2.ResourceInfo(
+                resource_type=pb.Job.DESCRIPTOR.full_name, resource_name=job_id, description=message
+            )
+            await abort(context, grpc.StatusCode.NOT_FOUND, "job_id", message, details=[resource])
         return job
 
     # -- what the web page reads too ----------------------------------------------------------------
@@ -197,7 +209,12 @@ class RenderFarmService:
         if after is None:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_token",
                         "page_token: is not one a ListJobs reply gave")  # fmt: skip
-        jobs = (job for job in self.visible_jobs(caller, request.owner) if (job.created_at, job.id) > after)
+        states = set(request.states)
+        if unknown := [index for index, state in enumerate(request.states) if state not in STATE_NUMBERS]:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"states[{unknown[0]}]",
+                        f"states[{unknown[0]}]: is not a job state (got {request.states[unknown[0]]})")  # fmt: skip
+        jobs = (job for job in self.visible_jobs(caller, request.owner)
+                if (job.created_at, job.id) > after and (not states or STATE_TO_PB[job.state] in states))  # fmt: skip
         page = list(itertools.islice(jobs, (request.page_size or DEFAULT_LIST_PAGE) + 1))
         listed, more = page[: request.page_size or DEFAULT_LIST_PAGE], len(page) > (request.page_size or DEFAULT_LIST_PAGE)
         token = f"{listed[-1].created_at!r}/{listed[-1].id}" if more else ""
@@ -252,7 +269,9 @@ class RenderFarmService:
             async for event in self.job_events(job, request.after_seq, live=request.live, images=not request.omit_images):
                 yield event
         except FarmStopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is stopping; resume from the last seq")
+            await abort(
+                context, grpc.StatusCode.UNAVAILABLE, None, "the scheduler is stopping; resume from the last seq"
+            )
 
     async def job_events(self, job: JobRecord, after_seq: int, *, live: bool, images: bool) -> AsyncIterator[pb.JobEvent]:
         """The job's stored events after `after_seq` until its final one (with each result's PNG or URL if
@@ -353,9 +372,12 @@ class Farm:
             # An owner no longer in the keys file keeps the default share.
             owner = users.get(job.owner)
             await self._engine.resume(job, owner.weight if owner else 1.0)
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
-        self._server.add_generic_rpc_handlers((service_handler(self._service, users),))
+        receive_limit = ("grpc.max_receive_message_length", self.config.limits.max_request_bytes)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS + (receive_limit,), interceptors=(CallerGuard(users),))
+        self._server.add_generic_rpc_handlers((service_handler(self._service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        # So that grpcurl and other generic clients find the API without the .proto files.
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         address = f"{self.config.host}:{self.config.port}"
         if credentials is None:
             self.port = self._server.add_insecure_port(address)

@@ -34,7 +34,7 @@ SAFE_ID = re.compile(SAFE_ID_PATTERN)
 
 
 def invalid(field: str, message: str) -> InvalidJobError:
-    # Clipped: a message echoes values, and a 20 KB one would pass gRPC's 16 KiB trailer limit.
+    # Clipped: a message echoes values, and a 20 KB one helps nobody; rpc.abort fits what is sent to gRPC's limits.
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS] + " [...]"
     return InvalidJobError(f"{field}: {message}", field=field)

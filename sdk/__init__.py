@@ -8,12 +8,15 @@
 This package is the thin SDK: it never imports torch or ray.
 """
 
+from importlib.metadata import version
+
 from renderfarm._wire import JobState, JobStatus, Preview, Progress, Result, StateChange, StepProgress
 from renderfarm.aio import AsyncClient, AsyncJob
 from renderfarm.client import Client, Job
 from renderfarm.errors import (
     AuthenticationError,
     CapacityError,
+    FarmTimeoutError,
     FarmUnavailableError,
     InvalidJobError,
     JobFailedError,
@@ -24,12 +27,15 @@ from renderfarm.errors import (
 from renderfarm.grid import Sheet, grids
 from renderfarm.spec import ImageSpec, read_spec
 
+__version__ = version("renderfarm")
+
 __all__ = [
     "AsyncClient",
     "AsyncJob",
     "AuthenticationError",
     "CapacityError",
     "Client",
+    "FarmTimeoutError",
     "FarmUnavailableError",
     "ImageSpec",
     "InvalidJobError",

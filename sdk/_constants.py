@@ -1,6 +1,7 @@
 """SDK-side numbers, each in one place."""
 
-DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_PORT = 50051
+DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
 DEFAULT_MODEL = "builtin:tiny-sd"
 DEFAULT_UPSCALER = "builtin:tiny-sd-x4-upscaler"
 DEFAULT_INPAINTER = "builtin:tiny-sd-inpaint"
@@ -28,6 +29,20 @@ CHANNEL_OPTIONS = MESSAGE_SIZE_OPTIONS + (
 # Unary calls are bookkeeping on the scheduler; anything slower is a dead farm.
 # Client(timeout=...) overrides it.
 UNARY_TIMEOUT_S = 30.0
+# A client's first call waits this long (or its timeout, if shorter) for a connection, e.g. to a farm that
+# is starting, before it says the farm cannot be reached. Once connected, calls wait for a restarting farm
+# up to their timeout.
+CONNECT_TIMEOUT_S = 5.0
+
+# The most jobs one ListJobs reply holds (the farm's limit).
+MAX_LIST_PAGE = 1000
+
+# Unary calls answered UNAVAILABLE are retried this many times by default (gRPC allows at most 4: five
+# attempts), backing off from the first delay (jittered, doubling) up to the cap.
+DEFAULT_MAX_RETRIES = 4
+MAX_RETRIES = 4
+RETRY_FIRST_BACKOFF_S = 0.5
+RETRY_MAX_BACKOFF_S = 5.0
 
 # A dropped event stream is resumed from the last sequence number seen, backing
 # off from the first delay up to the cap, for at most the total window.

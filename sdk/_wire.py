@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import numbers
 import os
+import time
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
@@ -15,20 +17,29 @@ from io import BytesIO
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from renderfarm._constants import (
     AUTHORIZATION_KEY,
     BEARER_PREFIX,
+    CHANNEL_OPTIONS,
+    DEFAULT_PORT,
     DEFAULT_UPSCALER,
     FETCH_TIMEOUT_S,
     FIELD_METADATA_KEY,
+    MAX_LIST_PAGE,
+    MAX_RETRIES,
     RECONNECT_FIRST_DELAY_S,
     RECONNECT_MAX_DELAY_S,
     RECONNECT_WINDOW_S,
+    RETRY_FIRST_BACKOFF_S,
+    RETRY_MAX_BACKOFF_S,
 )
 from renderfarm.errors import (
     AuthenticationError,
     CapacityError,
+    FarmTimeoutError,
     FarmUnavailableError,
     InvalidJobError,
     JobNotFoundError,
@@ -48,6 +59,7 @@ class JobState(str, Enum):
 
     @property
     def finished(self) -> bool:
+        """Whether the state is final: SUCCEEDED, FAILED or CANCELLED."""
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
@@ -205,6 +217,7 @@ def sweep_request(
     negative_prompt: str,
     scheduler,
     model,
+    size=None,
     models=None,
     loras=None,
     lora_scales=None,
@@ -221,9 +234,6 @@ def sweep_request(
 ) -> pb.SubmitJobRequest:
     priority = priority_value(priority)
     prompts = _texts(axis(prompts, "prompts"), "prompts")
-    widths, heights = axis(width, "width"), axis(height, "height")
-    if bool(widths) != bool(heights):
-        raise InvalidJobError("width and height: give both or neither", field="width")
     names = _texts(axis(models, "models") or axis(model, "model"), "models" if models is not None else "model")
     sweep = pb.SweepSpec(
         # One model travels as `model`, so that a farm without the models axis takes it.
@@ -235,7 +245,7 @@ def sweep_request(
         seeds=_integers(axis(seeds, "seeds"), "seeds"),
         guidance_scales=_reals(axis(guidance_scale, "guidance_scale"), "guidance_scale"),
         steps=_integers(axis(steps, "steps"), "steps"),
-        sizes=[pb.Size(width=w, height=h) for w in _integers(widths, "width") for h in _integers(heights, "height")],
+        sizes=_sizes(size, width, height),
         schedulers=_texts(axis(scheduler, "scheduler"), "scheduler"),
     )
     if upscale:
@@ -248,6 +258,52 @@ def sweep_request(
         )
     return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, sweep=sweep, priority=priority,
                                preview_every=_preview_every(preview_every))  # fmt: skip
+
+
+def _sizes(size, width, height) -> list[pb.Size]:
+    """The sizes axis: `size` as (width, height) pairs, one pair or a list of them; or every width with every
+    height; or none (the model's native size)."""
+    if size is None:
+        widths, heights = axis(width, "width"), axis(height, "height")
+        if bool(widths) != bool(heights):
+            raise InvalidJobError("width and height: give both or neither", field="width")
+        return [pb.Size(width=w, height=h) for w in _integers(widths, "width") for h in _integers(heights, "height")]
+    if width is not None or height is not None:
+        raise InvalidJobError("size: give size, or width and height, not both", field="size")
+    pairs = [size] if _is_pair(size) else axis(size, "size")
+    sizes = []
+    for index, pair in enumerate(pairs):
+        if not _is_pair(pair):
+            raise InvalidJobError(f"size[{index}]: must be a (width, height) pair (got {pair!r})", field=f"size[{index}]")
+        width, height = _integers(list(pair), f"size[{index}]")
+        sizes.append(pb.Size(width=width, height=height))
+    return sizes
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and not any(isinstance(v, Iterable) for v in value)
+
+
+def render_request(specs, *, priority=0, preview_every=0, request_id: str | None) -> pb.SubmitJobRequest:
+    """Each ImageSpec as a sweep of one image; its LoRAs with their digests, which the farm checks."""
+    priority = priority_value(priority)
+    images = []
+    for index, spec in enumerate(axis(specs, "specs")):
+        field = f"specs[{index}]"
+        if not isinstance(spec, ImageSpec):
+            raise InvalidJobError(f"{field}: must be an ImageSpec, a generated image's (got {type(spec).__name__})",
+                                  field=field)  # fmt: skip
+        loras = [pb.Lora(path=lora.path, scale=lora.scale, sha256=lora.sha256) for lora in spec.loras or ()]
+        images.append(pb.SweepSpec(
+            model=_text(spec.model, f"{field}.model"), prompts=[_text(spec.prompt, f"{field}.prompt")],
+            negative_prompt=_text(spec.negative_prompt, f"{field}.negative_prompt"),
+            seeds=[_integer(spec.seed, f"{field}.seed")], guidance_scales=[_real(spec.guidance_scale, f"{field}.guidance_scale")],
+            steps=[_integer(spec.steps, f"{field}.steps")], schedulers=[_text(spec.scheduler, f"{field}.scheduler")],
+            sizes=[pb.Size(width=_integer(spec.width, f"{field}.width"), height=_integer(spec.height, f"{field}.height"))],
+            lora_sets=[pb.LoraSet(loras=loras)] if loras else [],
+        ))  # fmt: skip
+    return pb.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, render=pb.RenderSpec(images=images),
+                               priority=priority, preview_every=_preview_every(preview_every))  # fmt: skip
 
 
 def _lora_sets(loras, lora_scales, lora_sets) -> list[pb.LoraSet]:
@@ -452,6 +508,57 @@ def job_status(job: pb.Job) -> JobStatus:
     )
 
 
+class JobList(list):
+    """JobStatus entries, oldest first; ``next_page_token`` continues the listing (jobs(page_token=...))
+    where a `limit` cut it, and is "" when no job is left."""
+
+    next_page_token: str = ""
+
+
+_STATE_TO_PB = {state: number for number, state in _STATE_FROM_PB.items()}
+
+
+def list_pages(owner, state, limit, page_token) -> Generator[pb.ListJobsRequest, pb.ListJobsResponse, JobList]:
+    """The ListJobs requests a listing makes, each sent back its reply; returns the JobList. One pager for both
+    clients: they only make the calls."""
+    states = [_STATE_TO_PB[_job_state(value, f"state[{index}]")] for index, value in enumerate(axis(state, "state"))]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidJobError(f"limit: must be a positive integer or None (got {limit!r})", field="limit")
+    listed, token = JobList(), _text(page_token or "", "page_token")
+    while True:
+        page_size = 0 if limit is None else min(limit - len(listed), MAX_LIST_PAGE)
+        reply = yield pb.ListJobsRequest(owner=owner or "", states=states, page_size=page_size, page_token=token)
+        listed += [job_status(job) for job in reply.jobs]
+        token = reply.next_page_token
+        if not token or (limit is not None and len(listed) >= limit):
+            listed.next_page_token = token
+            return listed
+
+
+def _job_state(value, field: str) -> JobState:
+    try:
+        return JobState(value)
+    except ValueError:
+        names = ", ".join(state.value for state in JobState)
+        raise InvalidJobError(f"{field}: must be a job state ({names}) (got {value!r})", field=field) from None
+
+
+def settings(job: pb.Job) -> dict:
+    """A job's request as plain data, its kind's fields that were set (the farm leaves bulk inputs out)."""
+    kind = job.WhichOneof("kind")
+    return _plain_message(getattr(job, kind)) if kind else {}
+
+
+def _plain_message(message) -> dict:
+    return {field.name: _plain_value(field, value) for field, value in message.ListFields()}
+
+
+def _plain_value(field, value):
+    if field.message_type is None:
+        return list(value) if field.is_repeated else value
+    return [_plain_message(each) for each in value] if field.is_repeated else _plain_message(value)
+
+
 def image_spec(spec: pb.ImageSpec) -> ImageSpec:
     loras = tuple(LoraSpec(path=lora.path, sha256=lora.sha256, scale=lora.scale) for lora in spec.loras)
     return ImageSpec(**_fields(spec) | {"loras": loras or None})
@@ -485,29 +592,52 @@ def final_state(event: pb.JobEvent) -> JobState | None:
     return state if state.finished else None
 
 
-def translate(error: grpc.RpcError, timeout: float | None = None) -> RenderfarmError:
-    """The typed SDK exception for a gRPC error, keeping the server's message; `timeout`: the call's deadline."""
+_ERROR_TYPES = {
+    error_type.code: error_type
+    for error_type in (
+        InvalidJobError,
+        CapacityError,
+        JobNotFoundError,
+        AuthenticationError,
+        PermissionDeniedError,
+        FarmUnavailableError,
+        FarmTimeoutError,
+    )
+}
+# A request_id already used for another request.
+_ERROR_TYPES[grpc.StatusCode.ALREADY_EXISTS] = InvalidJobError
+
+
+def translate(error: grpc.RpcError, timeout: float | None = None, request=None) -> RenderfarmError:
+    """The typed SDK exception for a gRPC error, keeping the server's message, with the call's code and the
+    request id of `request` (a submission's); `timeout`: the call's deadline."""
     code, message = error.code(), error.details() or str(error)
+    call = dict(code=code, request_id=getattr(request, "request_id", "") or None)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
-        return FarmUnavailableError(
+        message = (
             f"the farm did not answer within {timeout:g} s (DEADLINE_EXCEEDED); "
             "it is unreachable or overloaded, or the call needs a longer timeout= on the client"
         )
-    # ALREADY_EXISTS: a request_id already used for another request.
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-        metadata = dict(error.trailing_metadata() or ())
-        return InvalidJobError(message, field=metadata.get(FIELD_METADATA_KEY))
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return CapacityError(message)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return JobNotFoundError(message)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return AuthenticationError(message)
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return PermissionDeniedError(message)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return FarmUnavailableError(message)
-    return RenderfarmError(f"{code.name}: {message}")
+    error_type = _ERROR_TYPES.get(code)
+    if error_type is None:
+        return RenderfarmError(f"{code.name}: {message}", **call)
+    if error_type is InvalidJobError:
+        return InvalidJobError(message, field=violated_field(error), **call)
+    return error_type(message, **call)
+
+
+def violated_field(error: grpc.RpcError) -> str | None:
+    """The request field an error is about: the first field violation of its google.rpc.BadRequest detail, or,
+    from a farm older than the details, the renderfarm-field trailer."""
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # a Status whose code or message is not the call's: a proxy's, not the farm's
+        status = None
+    for detail in status.details if status is not None else ():
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request) and bad_request.field_violations:
+            return bad_request.field_violations[0].field
+    return dict(error.trailing_metadata() or ()).get(FIELD_METADATA_KEY)
 
 
 def is_transient(error: grpc.RpcError) -> bool:
@@ -532,7 +662,12 @@ def channel_target(
     if not separator or scheme in GRPC_NAME_SCHEMES:
         scheme, target = None, address
     elif scheme not in ("grpc", "grpcs"):
-        raise ValueError(f"address {address!r}: the scheme must be grpcs:// (TLS) or grpc:// (plaintext)")
+        raise ValueError(
+            f"address {address!r}: the scheme must be grpcs:// (TLS) or grpc:// (plaintext), or none (HOST or "
+            "HOST:PORT): the farm speaks gRPC, not HTTP"
+        )
+    if not (separator and scheme is None):  # gRPC's own names (dns:///, unix:) carry what they need
+        target = with_port(target.rstrip("/"))
     root_certificates = root_certificates or os.environ.get("RENDERFARM_TLS_CA") or None
     client_certificate = client_certificate or os.environ.get("RENDERFARM_TLS_CERT") or None
     client_key = client_key or os.environ.get("RENDERFARM_TLS_KEY") or None
@@ -546,6 +681,43 @@ def channel_target(
         raise ValueError("client_certificate and client_key go together: give both or neither")
     credentials = grpc.ssl_channel_credentials(_pem(root_certificates), _pem(client_key), _pem(client_certificate))
     return target, credentials
+
+
+def unreachable(address: str, seconds: float) -> FarmTimeoutError:
+    """A client's first call found no farm to connect to within `seconds`."""
+    return FarmTimeoutError(
+        f"cannot reach the farm at {address}: no connection within {seconds:g} s (is it running there, and does it "
+        "speak TLS when the client does?)"
+    )
+
+
+def with_port(target: str) -> str:
+    """HOST:PORT as given; a bare HOST (a name, an IPv4 address or a bracketed IPv6 one) gets the farm's port."""
+    if target.startswith("["):
+        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+    return target if ":" in target else f"{target}:{DEFAULT_PORT}"
+
+
+def channel_options(max_retries: int) -> tuple:
+    """The channel's options: CHANNEL_OPTIONS and a service config that retries unary calls answered UNAVAILABLE
+    (a farm restarting, a connection reset) up to `max_retries` times, with gRPC's jittered exponential
+    backoff. Safe for submits: a resubmitted request_id returns the job the first attempt made."""
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= MAX_RETRIES:
+        raise ValueError(f"max_retries: must be an integer in [0, {MAX_RETRIES}] (got {max_retries!r})")
+    if max_retries == 0:
+        return CHANNEL_OPTIONS
+    policy = {
+        "maxAttempts": max_retries + 1,
+        "initialBackoff": f"{RETRY_FIRST_BACKOFF_S}s",
+        "maxBackoff": f"{RETRY_MAX_BACKOFF_S}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    service = pb.DESCRIPTOR.services_by_name["RenderFarm"]
+    unary = [{"service": service.full_name, "method": method.name} for method in service.methods
+             if not method.server_streaming]  # fmt: skip
+    config = {"methodConfig": [{"name": unary, "retryPolicy": policy}]}
+    return CHANNEL_OPTIONS + (("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config)))
 
 
 def _pem(value) -> bytes | None:
@@ -566,6 +738,35 @@ def reconnect_delays() -> Iterator[float]:
         yield delay
         spent += delay
         delay = min(RECONNECT_MAX_DELAY_S, delay * 2)
+
+
+class Deadline:
+    """How long is left of a wait for a job to end (`timeout` seconds from now; None: no limit)."""
+
+    def __init__(self, timeout: float | None, job_id: str):
+        self._timeout, self._job_id = timeout, job_id
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """The time left, for a call's deadline; raises FarmTimeoutError once none is."""
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise self._expired()
+        return left
+
+    def check(self, error: grpc.RpcError) -> None:
+        """Raises FarmTimeoutError where a stream ended because this deadline passed."""
+        if self._end is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise self._expired() from None
+
+    def cap(self, delay: float) -> float:
+        left = self.remaining()
+        return delay if left is None else min(delay, left)
+
+    def _expired(self) -> FarmTimeoutError:
+        return FarmTimeoutError(f"job {self._job_id} did not end within {self._timeout:g} s (timeout=); it goes on")
 
 
 def next_delay(delays: Iterator[float], job_id: str) -> float:

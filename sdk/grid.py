@@ -49,10 +49,12 @@ class Sheet:
         return left, top, left + width, top + height
 
     def layout(self) -> dict:
+        """Where the sheet's cells are, as plain data (what the PNG's renderfarm-grid chunk holds)."""
         return {"x": self.x, "y": self.y, "columns": self.columns, "rows": self.rows, "fixed": self.fixed,
                 "cell": list(self.cell), "origin": list(self.origin), "gap": self.gap}  # fmt: skip
 
     def png(self) -> bytes:
+        """The sheet as PNG bytes, its layout in the renderfarm-grid text chunk."""
         info = PngImagePlugin.PngInfo()
         info.add_text(LAYOUT_CHUNK, json.dumps(self.layout(), ensure_ascii=False))
         out = io.BytesIO()
@@ -60,6 +62,7 @@ class Sheet:
         return out.getvalue()
 
     def save(self, path: str | Path) -> Path:
+        """Writes the sheet's PNG (see png()) to `path`; returns the path."""
         path = Path(path)
         path.write_bytes(self.png())
         return path

@@ -39,6 +39,7 @@ class _Spec:
         return {name: _plain(value) for name, value in vars(self).items() if value is not None}
 
     def to_json(self) -> str:
+        """The spec as canonical JSON (sorted keys): what the PNG's renderfarm chunk holds."""
         return _canonical_json(self)
 
     @property
@@ -93,7 +94,8 @@ class LoraSpec(_Spec):
 
 @dataclass(frozen=True)
 class ImageSpec(_Spec):
-    """Everything a generated image is a function of (DESIGN.md invariant 1)."""
+    """Everything a generated image is a function of: the same spec renders the same pixels (README, "The purity
+    rule")."""
 
     model: str
     prompt: str
@@ -116,6 +118,7 @@ class ImageSpec(_Spec):
         return f"{_slug(self.prompt)}-{self.seed}"
 
     def a1111_parameters(self) -> str:
+        """The image's settings as AUTOMATIC1111's `parameters` text chunk writes them."""
         return "\n".join(self._a1111_lines())
 
     def _a1111_lines(self) -> list[str]:
@@ -141,6 +144,7 @@ class DecodedImageSpec(_Spec):
         return f"decoded-{self.latents_sha256[:12]}"
 
     def a1111_parameters(self) -> str:
+        """The image's settings as AUTOMATIC1111's `parameters` text chunk writes them."""
         return f"Decoded latents {self.latents_sha256}, Size: {self.width}x{self.height}, Model: {self.model}"
 
 
@@ -166,6 +170,7 @@ class UpscaledImageSpec(_Spec):
         return f"upscaled-{self.source_sha256[:12]}-{self.seed}"
 
     def a1111_parameters(self) -> str:
+        """The image's settings as AUTOMATIC1111's `parameters` text chunk writes them."""
         if self.source is not None:
             # As AUTOMATIC1111 writes a hires-fixed image: the first pass, then the upscale.
             *lines, first_pass = self.source._a1111_lines()
@@ -209,6 +214,7 @@ class EditedImageSpec(_Spec):
         return f"{kind}-{self.source_sha256[:12]}-{_slug(self.prompt)}-{self.seed}"
 
     def a1111_parameters(self) -> str:
+        """The image's settings as AUTOMATIC1111's `parameters` text chunk writes them."""
         # As AUTOMATIC1111 writes an img2img image: its denoising strength after the model.
         return "\n".join(_rendered_lines(self, self.prompt, [f"Denoising strength: {self.strength:g}"]))
 

@@ -168,7 +168,7 @@ def _axes(sweep: pb.SweepSpec, limits: LimitsConfig, model_info: ModelLookup) ->
         steps=axes.steps,
         sizes=tuple((s.width, s.height) for s in sweep.sizes),
         schedulers=axes.schedulers,
-        lora_sets=_lora_sets(sweep),
+        lora_sets=lora_sets(sweep),
     )
 
 
@@ -188,7 +188,7 @@ def _models(sweep: pb.SweepSpec, model_info: ModelLookup) -> tuple[SweepModel, .
     return tuple(models)
 
 
-def _lora_sets(sweep: pb.SweepSpec) -> tuple[tuple[LoraSpec, ...] | None, ...]:
+def lora_sets(sweep: pb.SweepSpec) -> tuple[tuple[LoraSpec, ...] | None, ...]:
     """Each set's LoRAs with their files' digests (the spec names a LoRA by content); an empty set is None."""
     sets = []
     for i, lora_set in enumerate(sweep.lora_sets):

@@ -1,4 +1,4 @@
-"""A corpus of bad requests sent through raw gRPC (DESIGN.md invariant 5).
+"""A corpus of bad requests sent through raw gRPC: each is refused with a clear error, nothing half-made.
 
 Each gets its status code and a message naming the field (also in trailing
 metadata); none creates a job; the farm keeps serving. Raw stubs, not the
@@ -13,10 +13,14 @@ import time
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from renderfarm._constants import CHANNEL_OPTIONS, FIELD_METADATA_KEY
-from renderfarm.cluster.config import LimitsConfig
+from renderfarm._wire import metadata
+from renderfarm.cluster.config import AuthConfig, LimitsConfig
+from renderfarm.cluster.keys import add_user
 from renderfarm.v1 import farm_pb2 as pb
 from renderfarm.v1.farm_pb2_grpc import RenderFarmStub
 
@@ -295,13 +299,13 @@ def finished_job(stub) -> pb.Job:
     return run_to_end(stub, sweep())
 
 
-def send(channel, method: str, request):
+def send(channel, method: str, request, sent_metadata=()):
     """Calls METHOD with the request as given: raw bytes go out untouched (no serializer)."""
     path = f"/renderfarm.v1.RenderFarm/{method}"
     data = request if isinstance(request, bytes) else request.SerializeToString()
     if method == "StreamJobEvents":
-        return list(channel.unary_stream(path)(data, timeout=30))
-    return channel.unary_unary(path)(data, timeout=30)
+        return list(channel.unary_stream(path)(data, metadata=sent_metadata, timeout=30))
+    return channel.unary_unary(path)(data, metadata=sent_metadata, timeout=30)
 
 
 def job_ids(stub) -> set[str]:
@@ -432,3 +436,72 @@ def test_a_job_over_max_concurrent_jobs_is_resource_exhausted_until_one_ends(sma
     events = small_stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=running.id, omit_images=True))
     assert list(events)[-1].state == pb.JOB_STATE_CANCELLED
     run_to_end(small_stub, sweep())
+
+
+# A farm that requires tokens and reads requests of at most 2 MiB: over it, gRPC refuses a request unread.
+GUARDED_LIMITS = LimitsConfig(max_source_bytes=1024 * 1024, max_request_bytes=2 * 1024 * 1024)
+LONG_PROMPT = "a red fox " * 1000  # max_prompt_chars
+# 3 MB requests, over that limit: a farm that read a request before checking its token would answer these
+# RESOURCE_EXHAUSTED (as it did) instead of UNAUTHENTICATED.
+OVERSIZED = [
+    ("SubmitJob", sweep(prompts=[LONG_PROMPT] * 300)),
+    ("StreamJobEvents", pb.StreamJobEventsRequest(job_id="j" * 3_000_000)),
+    ("ServerReflectionInfo", reflection_pb2.ServerReflectionRequest(file_containing_symbol="s" * 3_000_000)),
+]
+
+
+@pytest.fixture(scope="module")
+def guarded(start_farm, tmp_path_factory):
+    """A channel to that farm, and a user's token."""
+    keys_file = tmp_path_factory.mktemp("guarded") / "keys.toml"
+    token = add_user(keys_file, "erin")
+    farm = start_farm(auth=AuthConfig(keys_file=keys_file), limits=GUARDED_LIMITS)
+    with grpc.insecure_channel(farm.address, options=CHANNEL_OPTIONS) as channel:
+        yield channel, token
+
+
+def call(channel, method: str, request, sent_metadata):
+    """send(), and reflection's stream too."""
+    if method == "ServerReflectionInfo":
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        return list(stub.ServerReflectionInfo(iter([request]), metadata=sent_metadata, timeout=30))
+    return send(channel, method, request, sent_metadata)
+
+
+@pytest.mark.parametrize("method, request_", OVERSIZED, ids=[method for method, _ in OVERSIZED])
+def test_a_caller_without_a_known_token_is_refused_before_the_request_is_read(guarded, method, request_):
+    channel, token = guarded
+    assert request_.ByteSize() > GUARDED_LIMITS.max_request_bytes
+    for sent in ((), metadata("rf_not-a-token")):
+        with pytest.raises(grpc.RpcError) as raised:
+            call(channel, method, request_, sent)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, raised.value.details()
+        assert raised.value.details().startswith("missing or wrong API token")
+    # With a token the same request is too large to read: so the refusal above came before reading it.
+    with pytest.raises(grpc.RpcError) as raised:
+        call(channel, method, request_, metadata(token))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_request_over_max_request_bytes_is_resource_exhausted_and_one_under_it_is_accepted(guarded):
+    channel, token = guarded
+    stub, limit = RenderFarmStub(channel), GUARDED_LIMITS.max_request_bytes
+    fitting = sweep(prompts=[LONG_PROMPT] * (limit // len(LONG_PROMPT)))
+    over = sweep(prompts=list(fitting.sweep.prompts) + [LONG_PROMPT])
+    assert limit - len(LONG_PROMPT) < fitting.ByteSize() <= limit < over.ByteSize()
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SubmitJob(over, metadata=metadata(token))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # gRPC's own message, naming both sizes.
+    assert f"Received message larger than max ({over.ByteSize()} vs. {limit})" in raised.value.details()
+
+    job = stub.SubmitJob(fitting, metadata=metadata(token)).job
+    stub.CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=metadata(token))
+    events = stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id, omit_images=True), metadata=metadata(token))
+    assert list(events)[-1].state == pb.JOB_STATE_CANCELLED
+
+
+def test_health_answers_without_a_token(guarded):
+    channel, _ = guarded
+    probe = health_pb2.HealthCheckRequest(service="renderfarm.v1.RenderFarm")
+    assert health_pb2_grpc.HealthStub(channel).Check(probe).status == health_pb2.HealthCheckResponse.SERVING

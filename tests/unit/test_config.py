@@ -7,6 +7,7 @@ import pytest
 
 from renderfarm import cli
 from renderfarm.cluster.config import ConfigValueError, FarmConfig, LimitsConfig, PoolConfig, RetryConfig
+from renderfarm.cluster.constants import REQUEST_BYTES_BESIDES_SOURCES
 
 DIRECTORIES = dict(output_dir=Path("out"), model_cache_dir=Path("models"), state_dir=Path("state"))
 
@@ -20,6 +21,9 @@ DIRECTORIES = dict(output_dir=Path("out"), model_cache_dir=Path("models"), state
         (lambda: PoolConfig(num_gpus=float("nan")), "num_gpus must be at least 0 (got nan)"),
         (lambda: LimitsConfig(max_side=0), "max_side must be at least 1 (got 0)"),
         (lambda: LimitsConfig(max_pixels=-1), "max_pixels must be at least 1 (got -1)"),
+        # Raising max_source_bytes alone: the default request limit would refuse the images it allows.
+        (lambda: LimitsConfig(max_source_bytes=100 * 2**20), "max_request_bytes must be at least max_source_bytes + 1048576, 105906176 (got 83886080)"),
+        (lambda: LimitsConfig(max_source_bytes=2**20, max_request_bytes=2**20 - 1), "max_request_bytes must be at least max_source_bytes + 1048576, 2097152 (got 1048575)"),
         (lambda: RetryConfig(max_attempts=0), "max_attempts must be at least 1 (got 0)"),
         (lambda: RetryConfig(backoff_s=-0.1), "backoff_s must be at least 0 (got -0.1)"),
         (lambda: RetryConfig(backoff_s=5.0, max_backoff_s=1.0), "max_backoff_s must be at least backoff_s, 5.0 (got 1.0)"),
@@ -60,7 +64,8 @@ def test_the_defaults_and_the_edges_are_accepted():
     FarmConfig(**DIRECTORIES, port=65535, max_batch=1, decode_tile=1, upscale_tile=1, tiled_decode_above_pixels=1)
     PoolConfig(replicas=1, num_gpus=0.0, num_cpus=0.0)
     RetryConfig(max_attempts=1, backoff_s=0.0, max_backoff_s=0.0)
-    LimitsConfig(**{field.name: 1 for field in dataclasses.fields(LimitsConfig)})
+    LimitsConfig(**{field.name: 1 for field in dataclasses.fields(LimitsConfig)}
+                 | {"max_request_bytes": 1 + REQUEST_BYTES_BESIDES_SOURCES})  # fmt: skip
 
 
 @pytest.fixture

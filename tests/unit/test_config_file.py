@@ -177,6 +177,7 @@ def test_the_readmes_keys_file_entry_loads(tmp_path):
         ("[decoders]\nnum_cpus = -1", "decoders.num_cpus must be at least 0 (got -1.0)"),
         ("[limits]\nmax_steps = 0", "limits.max_steps must be at least 1 (got 0)"),
         ("[limits]\nmax_concurrent_jobs = -1", "limits.max_concurrent_jobs must be at least 1 (got -1)"),
+        ("[limits]\nmax_request_bytes = 1000", "limits.max_request_bytes must be at least max_source_bytes + 1048576, 68157440 (got 1000)"),
         ("[retries]\nmax_attempts = 0", "retries.max_attempts must be at least 1 (got 0)"),
         ("[retries]\nbackoff_s = -1", "retries.backoff_s must be at least 0 (got -1.0)"),
         ("[retries]\nbackoff_s = 2\nmax_backoff_s = 1.5", "retries.max_backoff_s must be at least backoff_s, 2.0 (got 1.5)"),

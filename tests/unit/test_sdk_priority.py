@@ -1,7 +1,9 @@
 """Job priorities on the client side: the request builders, JobStatus, the clients and the CLI (no farm)."""
 
 import asyncio
+from concurrent import futures
 
+import grpc
 import pytest
 
 import renderfarm as rf
@@ -9,6 +11,7 @@ from renderfarm import _wire
 from renderfarm.cli import _print_status, build_parser
 from renderfarm.errors import InvalidJobError
 from renderfarm.v1 import farm_pb2 as pb
+from renderfarm.v1 import farm_pb2_grpc
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -72,22 +75,25 @@ def test_job_status_carries_the_jobs_priority():
     assert _wire.job_status(pb.Job(id="j3", state=pb.JOB_STATE_QUEUED)).priority == 0
 
 
-class RecordingStub:
-    """Stands in for the gRPC stub: records the submitted request, answers with a job."""
+class Recording(farm_pb2_grpc.RenderFarmServicer):
+    """A stand-in farm on loopback: records each submitted request, answers with a job."""
 
-    def __init__(self, asynchronous: bool = False):
-        self.requests, self._asynchronous = [], asynchronous
+    def __init__(self):
+        self.requests = []
 
-    def SubmitJob(self, request, **_):
+    def SubmitJob(self, request, context):
         self.requests.append(request)
-        response = pb.SubmitJobResponse(job=pb.Job(id="j1", state=pb.JOB_STATE_QUEUED, total=1))
-        if not self._asynchronous:
-            return response
+        return pb.SubmitJobResponse(job=pb.Job(id="j1", state=pb.JOB_STATE_QUEUED, total=1))
 
-        async def answer():
-            return response
 
-        return answer()
+@pytest.fixture
+def recording():
+    servicer, server = Recording(), grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    farm_pb2_grpc.add_RenderFarmServicer_to_server(servicer, server)
+    servicer.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    yield servicer
+    server.stop(None)
 
 
 def submit_all(client) -> list:
@@ -99,26 +105,24 @@ def submit_all(client) -> list:
     ]
 
 
-def test_client_passes_the_priority_through():
-    with rf.Client("127.0.0.1:1") as client:
-        client._stub = stub = RecordingStub()
+def test_client_passes_the_priority_through(recording):
+    with rf.Client(recording.address) as client:
         submit_all(client)
         with pytest.raises(InvalidJobError):
             client.upscale(b"an encoded image", priority=2**31)
-    assert [r.priority for r in stub.requests] == [3, -2, 5, 0]
+    assert [r.priority for r in recording.requests] == [3, -2, 5, 0]
 
 
-def test_async_client_passes_the_priority_through():
+def test_async_client_passes_the_priority_through(recording):
     async def run():
-        async with rf.AsyncClient("127.0.0.1:1") as client:
-            client._stub = stub = RecordingStub(asynchronous=True)
+        async with rf.AsyncClient(recording.address) as client:
             for submission in submit_all(client):
                 await submission
             with pytest.raises(InvalidJobError):
                 await client.decode([[[[0.0]]]], priority=True)
-        return stub.requests
 
-    assert [r.priority for r in asyncio.run(run())] == [3, -2, 5, 0]
+    asyncio.run(run())
+    assert [r.priority for r in recording.requests] == [3, -2, 5, 0]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,12 @@ def test_lists_and_ranges_are_axes_and_sizes_are_widths_by_heights():
     assert [(s.width, s.height) for s in sweep.sizes] == [(512, 512), (768, 512)]
 
 
+def test_size_pairs_are_sent_as_given_not_crossed():
+    paired = request(size=[(512, 768), (768, 512)]).sweep
+    assert [(s.width, s.height) for s in paired.sizes] == [(512, 768), (768, 512)]
+    assert [(s.width, s.height) for s in request(size=(64, 48)).sweep.sizes] == [(64, 48)]
+
+
 def test_upscale_settings_are_sent_with_an_upscale_only():
     plain = request(upscale_steps=2).sweep
     assert plain.upscale == 0 and not plain.upscale_model and not plain.HasField("upscale_steps")
@@ -91,6 +97,10 @@ def test_each_submission_gets_a_fresh_request_id_unless_given():
         (dict(prompts=["a fox", "a \ud800 lone surrogate"]), "prompts[1]"),
         (dict(negative_prompt="\udfff"), "negative_prompt"),
         (dict(scheduler=["ddim", 3]), "scheduler[1]"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt"),  # one negative prompt a sweep: no axis
+        (dict(size=[(512, 512), (64,)]), "size[1]"),
+        (dict(size=[(512, 512.5)]), "size[0][1]"),
+        (dict(size=(64, 64), width=64, height=64), "size"),
     ],
 )
 def test_malformed_axes_are_refused_before_sending(overrides, field):

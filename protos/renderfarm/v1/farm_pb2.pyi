@@ -46,6 +46,12 @@ class LoraSet(_message.Message):
     loras: _containers.RepeatedCompositeFieldContainer[Lora]
     def __init__(self, loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
 
+class RenderSpec(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[SweepSpec]
+    def __init__(self, images: _Optional[_Iterable[_Union[SweepSpec, _Mapping]]] = ...) -> None: ...
+
 class SweepSpec(_message.Message):
     __slots__ = ("model", "prompts", "negative_prompt", "seeds", "guidance_scales", "steps", "sizes", "schedulers", "upscale", "upscale_model", "upscale_noise_level", "upscale_steps", "upscale_guidance_scale", "upscale_tile", "models", "lora_sets")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -259,7 +265,7 @@ class EditedImageSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., source_sha256: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., strength: _Optional[float] = ..., mask_sha256: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "img2img", "inpaint", "priority", "owner", "preview_every")
+    __slots__ = ("id", "state", "total", "completed", "error", "created_at", "sweep", "decode", "upscale", "img2img", "inpaint", "render", "priority", "owner", "preview_every")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +277,7 @@ class Job(_message.Message):
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
     IMG2IMG_FIELD_NUMBER: _ClassVar[int]
     INPAINT_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
@@ -285,19 +292,21 @@ class Job(_message.Message):
     upscale: UpscaleSpec
     img2img: Img2ImgSpec
     inpaint: InpaintSpec
+    render: RenderSpec
     priority: int
     owner: str
     preview_every: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ..., owner: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., render: _Optional[_Union[RenderSpec, _Mapping]] = ..., priority: _Optional[int] = ..., owner: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("request_id", "sweep", "decode", "upscale", "img2img", "inpaint", "priority", "preview_every")
+    __slots__ = ("request_id", "sweep", "decode", "upscale", "img2img", "inpaint", "render", "priority", "preview_every")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
     IMG2IMG_FIELD_NUMBER: _ClassVar[int]
     INPAINT_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -306,9 +315,10 @@ class SubmitJobRequest(_message.Message):
     upscale: UpscaleSpec
     img2img: Img2ImgSpec
     inpaint: InpaintSpec
+    render: RenderSpec
     priority: int
     preview_every: int
-    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., priority: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., sweep: _Optional[_Union[SweepSpec, _Mapping]] = ..., decode: _Optional[_Union[DecodeSpec, _Mapping]] = ..., upscale: _Optional[_Union[UpscaleSpec, _Mapping]] = ..., img2img: _Optional[_Union[Img2ImgSpec, _Mapping]] = ..., inpaint: _Optional[_Union[InpaintSpec, _Mapping]] = ..., render: _Optional[_Union[RenderSpec, _Mapping]] = ..., priority: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -329,14 +339,16 @@ class GetJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("owner", "page_size", "page_token")
+    __slots__ = ("owner", "page_size", "page_token", "states")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     owner: str
     page_size: int
     page_token: str
-    def __init__(self, owner: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    states: _containers.RepeatedScalarFieldContainer[JobState]
+    def __init__(self, owner: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[JobState, str]]] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")
