@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import resource
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -24,7 +25,9 @@ import torch
 from renderfarm.actors import exchange, img2img, lora, previews, s3, tiled_decode, txt2img, upscale_x4
 from renderfarm.actors.models import resolve_model, silence_progress_bars
 from renderfarm.actors.s3 import S3Target
+from renderfarm.actors.speed import Speed
 from renderfarm.actors.tiles import Tile
+from renderfarm.cluster.config import PoolConfig
 from renderfarm.cluster.constants import MODELS_PER_REPLICA
 from renderfarm.spec import ImageSpec, LoraSpec, encode_png
 
@@ -32,17 +35,21 @@ from renderfarm.spec import ImageSpec, LoraSpec, encode_png
 _uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload")
 
 
-def pick_device() -> tuple[str, torch.dtype]:
-    """fp16 on CUDA (where diffusers' default attention is SDPA); fp32 on CPU for exact parity."""
-    if torch.cuda.is_available():
-        return "cuda", torch.float16
-    return "cpu", torch.float32
+def pick_device(dtype: str | None) -> tuple[str, torch.dtype]:
+    """CUDA where there is one, and `dtype` (a pool's, by torch's name); None: fp16 on CUDA, fp32 on CPU for
+    exact parity."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "float16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
 
 
 class _Stage:
-    def __init__(self, model_cache_dir: str):
+    def __init__(self, model_cache_dir: str, pool: PoolConfig):
+        """`pool`: the config of this replica's pool, whose dtype and speed options its models take."""
         self._model_cache_dir = Path(model_cache_dir)
-        self._device, self._dtype = pick_device()
+        self._device, self._dtype = pick_device(pool.dtype)
+        self._speed = Speed(pool.channels_last, pool.compile)
         self._loaded: OrderedDict[str, object] = OrderedDict()
         # A loaded model's LoRA adapters, made when a call first names LoRAs for it.
         self._adapters: dict[str, lora.Adapters] = {}
@@ -99,9 +106,21 @@ class TextEncoderStage(_Stage):
         return (*(txt2img.encode_text(encoders, text).cpu() for text in texts), True)
 
 
+# A test hook, off unless set: with RENDERFARM_FAULT_OOM_ABOVE=N in a denoiser replica's environment, a batch
+# of more than N images (its shape, padding included: what memory grows with) raises torch.OutOfMemoryError
+# before it runs, as a GPU short of memory would, so that the engine's split shows on a CPU
+# (tests/integration/test_out_of_memory.py).
+FAULT_OOM_ABOVE = "RENDERFARM_FAULT_OOM_ABOVE"
+
+
+def _inject_out_of_memory(images: int) -> None:
+    if (above := os.environ.get(FAULT_OOM_ABOVE)) is not None and images > int(above):
+        raise torch.OutOfMemoryError(f"{FAULT_OOM_ABOVE}={above}: a batch of {images} images (injected)")
+
+
 class DenoiserStage(_Stage):
     def _load(self, model_dir: Path) -> txt2img.DenoiseComponents:
-        return txt2img.load_denoiser(model_dir, self._device, self._dtype)
+        return txt2img.load_denoiser(model_dir, self._device, self._dtype, self._speed)
 
     def denoise(
         self, model: str, loras: tuple[LoraSpec, ...], batch: txt2img.DenoiseBatch, texts: tuple[int, ...],
@@ -138,6 +157,8 @@ class DenoiserStage(_Stage):
         yield from self._reported(steps, watch, components.pipeline, count)
 
     def _reported(self, steps: Iterator[txt2img.Step], watch: previews.Watch | None, pipeline: str, count: int):
+        # Both denoising paths run their loop here.
+        _inject_out_of_memory(count)
         reporter = previews.Reporter(watch, pipeline)
         for step in steps:
             if (report := reporter.at(step)) is not None:
@@ -149,7 +170,7 @@ class DenoiserStage(_Stage):
 
 class DecoderStage(_Stage):
     def _load(self, model_dir: Path):
-        vae = txt2img.load_vae(model_dir, self._device, self._dtype)
+        vae = txt2img.load_vae(model_dir, self._device, self._dtype, self._speed)
         return vae, tiled_decode.segments(vae)
 
     def decode(self, model: str, latents: torch.Tensor, specs: list[ImageSpec], target: S3Target | None = None,
@@ -187,9 +208,12 @@ class DecoderStage(_Stage):
 
     # The tiled decode, one step per call; the dispatcher drives the steps across replicas.
     def tiled_prepare(self, model: str, latents, item: int, tiles: list[Tile]):
-        """Returns each tile's input state, then the first norm's sums (call with num_returns=len(tiles)+1)."""
-        # Arrays from Ray's object store are read-only: copy the one item.
-        latents = torch.from_numpy(np.array(latents[item : item + 1]))
+        """Returns each tile's input state, then the first norm's sums (call with num_returns=len(tiles)+1).
+        `latents`: a decode job's array, or a denoiser's tensor (in its dtype, which numpy may lack: bfloat16)."""
+        latents = latents[item : item + 1]
+        if isinstance(latents, np.ndarray):
+            # Arrays from Ray's object store are read-only: copy the one item.
+            latents = torch.from_numpy(np.array(latents))
         vae, _ = self._components(model)
         states, sums = tiled_decode.prepare(vae, latents, tiles)
         return (*(_on(state, "cpu") for state in states), sums)
@@ -228,9 +252,11 @@ class UpscalerStage(_Stage):
             model_dir, subfolder="unet", dtype=self._dtype, use_safetensors=True
         )
         upscale_x4.synchronise_group_norms(unet)
+        unet = unet.to(self._device).eval()
+        self._speed.apply(unet, compiled=unet)
         vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
         return (
-            unet.to(self._device).eval(),
+            unet,
             json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text()),
             json.loads((model_dir / "low_res_scheduler" / "scheduler_config.json").read_text()),
             2 ** (len(vae_config["block_out_channels"]) - 1),

@@ -122,9 +122,9 @@ def run_segment(
 
 
 def to_pixels(tile: Tile, state: TileState, scale: int) -> np.ndarray:
-    """A finished tile's core as uint8 RGB, post-processed as VaeImageProcessor does."""
-    core = tile.core(state["x"], scale)[0]
-    image = (core / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+    """A finished tile's core as uint8 RGB, post-processed as txt2img.decode does: in fp32, as VaeImageProcessor."""
+    core = tile.core(state["x"], scale)[0].float()
+    image = (core / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return (image * 255).round().astype("uint8")
 
 

@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from renderfarm.actors.models import MODEL_INDEX, read_config
 from renderfarm.actors.schedulers import make_scheduler
+from renderfarm.actors.speed import TEXT_ENCODER_ATTENTION, Speed
 from renderfarm.spec import guided
 
 # model_index.json's _class_name of the pipelines whose stages these are; the x4 upscaler's
@@ -31,8 +32,8 @@ from renderfarm.spec import guided
 SD_PIPELINE = "StableDiffusionPipeline"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
-# The pipelines that decode with an fp16 model's VAE upcast to fp32 where its config says force_upcast;
-# StableDiffusionPipeline decodes in the model's dtype whatever the config says.
+# The pipelines that decode with an fp16 model's VAE upcast to fp32 where its config says force_upcast (load_vae
+# is the farm's one place for that rule); StableDiffusionPipeline decodes in the model's dtype whatever the config says.
 UPCAST_VAE_PIPELINES = (SDXL_PIPELINE, UPSCALE_PIPELINE)
 
 
@@ -104,7 +105,11 @@ def load_text_encoders(model_dir: Path, device, dtype: torch.dtype) -> TextEncod
         pipeline=index["_class_name"],
         tokenizers=tuple(CLIPTokenizer.from_pretrained(model_dir, subfolder=name) for name, _, _ in pairs),
         encoders=tuple(
-            model_class.from_pretrained(model_dir, subfolder=name, dtype=dtype, use_safetensors=True).to(device).eval()
+            model_class.from_pretrained(
+                model_dir, subfolder=name, dtype=dtype, use_safetensors=True, attn_implementation=TEXT_ENCODER_ATTENTION
+            )
+            .to(device)
+            .eval()
             for _, name, model_class in pairs
         ),
         # True is the SDXL pipeline's default, for a model_index.json without the setting.
@@ -112,12 +117,14 @@ def load_text_encoders(model_dir: Path, device, dtype: torch.dtype) -> TextEncod
     )
 
 
-def load_denoiser(model_dir: Path, device, dtype: torch.dtype) -> DenoiseComponents:
+def load_denoiser(model_dir: Path, device, dtype: torch.dtype, speed: Speed = Speed()) -> DenoiseComponents:
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype, use_safetensors=True)
+    unet = unet.to(device).eval()
+    speed.apply(unet, compiled=unet)
     vae_config = read_config(model_dir, "vae")
     return DenoiseComponents(
         pipeline=_model_index(model_dir)["_class_name"],
-        unet=unet.to(device).eval(),
+        unet=unet,
         # The scheduler's config alone: each batch builds a fresh scheduler of the class it names.
         scheduler_config=DDIMScheduler.load_config(model_dir, subfolder="scheduler"),
         vae_scale_factor=vae_scale_factor(vae_config),
@@ -125,13 +132,17 @@ def load_denoiser(model_dir: Path, device, dtype: torch.dtype) -> DenoiseCompone
     )
 
 
-def load_vae(model_dir: Path, device, dtype: torch.dtype) -> AutoencoderKL:
+def load_vae(model_dir: Path, device, dtype: torch.dtype, speed: Speed = Speed()) -> AutoencoderKL:
+    """The VAE, which decodes and encodes in `dtype`, or in fp32 where the model's pipeline upcasts it."""
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=dtype, use_safetensors=True)
     pipeline = _model_index(model_dir)["_class_name"]
     if dtype == torch.float16 and vae.config.force_upcast and pipeline in UPCAST_VAE_PIPELINES:
         # As those pipelines decode: their VAE overflows in fp16, so it runs in fp32 (the weights as loaded in fp16).
         vae.to(dtype=torch.float32)
-    return vae.to(device).eval()
+    vae = vae.to(device).eval()
+    # The tiled decode runs the decoder's parts one by one, uncompiled; a whole decode runs the compiled decoder.
+    speed.apply(vae, compiled=vae.decoder)
+    return vae
 
 
 def encode_text(encoders: TextEncoders, text: str) -> TextEmbedding:
@@ -243,6 +254,10 @@ def sample(unet, scheduler, timesteps, latents, embeds, added_cond_kwargs, batch
             if batch.guided:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
+            else:
+                # A UNet compiled with CUDA graphs (reduce-overhead, max-autotune) reuses its output's memory on
+                # its next call, and some schedulers keep the output for later steps (PNDM).
+                noise_pred = noise_pred.clone()
             # (prev_sample, pred_original_sample) from the schedulers that estimate it; (prev_sample,) otherwise.
             output = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)
         latents = output[0]
@@ -294,8 +309,9 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> list[PIL.Image.Image]:
     latents = latents.to(device=vae.device, dtype=vae.dtype)
     with torch.inference_mode():
         images = vae.decode(unscale_latents(vae, latents), return_dict=False)[0]
+    # Post-processed in fp32 whatever the VAE's dtype: in bf16 the denormalisation would round the pixels again.
     return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae.config)).postprocess(
-        images, output_type="pil", do_denormalize=[True] * images.shape[0]
+        images.float(), output_type="pil", do_denormalize=[True] * images.shape[0]
     )
 
 

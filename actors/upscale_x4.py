@@ -4,7 +4,8 @@ As in txt2img.py, parity with diffusers is by construction: each function below
 does what the pipeline's ``__call__`` does for its stage, in the same order and
 with the same tensors, so for one image on CPU fp32 the pixels are identical.
 Prompts are encoded with txt2img.encode_text: the pipeline's encode_prompt is
-the text-to-image pipeline's, copied.
+the text-to-image pipeline's, copied; the latents decode with txt2img.decode,
+the VAE loaded by txt2img.load_vae (which upcasts it as the pipeline does).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from functools import partial
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -76,11 +77,11 @@ def upscale_latents(
     (small) latent canvas but the UNet on its share of the windows only, and all parties
     end with the same latents.
     """
-    device = unet.device
-    # The pipeline keeps the image and the latents in the text encoder's dtype.
-    dtype = prompt_embeds.hidden.dtype
+    # The pipeline keeps the image and the latents in the text encoder's dtype, which there is the UNet's; the
+    # farm's encoders may run in another.
+    device, dtype = unet.device, unet.dtype
     with_guidance = guided(guidance_scale)
-    embeds = prompt_embeds.hidden.to(device=device)
+    embeds = prompt_embeds.hidden.to(device=device, dtype=dtype)
     if with_guidance:
         embeds = torch.cat([negative_embeds.hidden.to(device=device, dtype=dtype), embeds])
 
@@ -291,15 +292,3 @@ def synchronise_group_norms(unet: UNet2DConditionModel) -> None:
         if isinstance(module, nn.GroupNorm):
             module.forward = partial(_group_norm_forward, module)
 
-
-def decode(vae: AutoencoderKL, latents: torch.Tensor) -> PIL.Image.Image:
-    """Latents to the upscaled image, 4x the low-resolution image's width and height."""
-    # Like the pipeline, decode an fp16 VAE in fp32, where its config asks for it: it overflows in fp16.
-    needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
-    if needs_upcasting:
-        vae.to(dtype=torch.float32)
-    try:
-        return txt2img.decode(vae, latents)[0]
-    finally:
-        if needs_upcasting:
-            vae.to(dtype=torch.float16)

@@ -30,10 +30,11 @@ from renderfarm.cluster.embedded import EmbeddedFarm
 GIB = 2**30
 
 
-def sd_vae() -> AutoencoderKL:
-    """Stable Diffusion 1.x's VAE architecture (its config), with seeded random weights."""
+def sd_vae(**config) -> AutoencoderKL:
+    """Stable Diffusion 1.x's VAE architecture (its config, which `config` overrides: SDXL's VAE has the same
+    layout), with seeded random weights."""
     torch.manual_seed(0)
-    return AutoencoderKL(
+    sd_config = dict(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -42,7 +43,8 @@ def sd_vae() -> AutoencoderKL:
         norm_num_groups=32,
         sample_size=512,
         scaling_factor=0.18215,
-    ).eval()
+    )
+    return AutoencoderKL(**sd_config | config).eval()
 
 
 def model_dir(scratch: Path) -> Path:
@@ -62,13 +64,15 @@ def to_pixels(sample: torch.Tensor) -> np.ndarray:
     return np.asarray(VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="pil")[0])
 
 
-def diffusers_decode(directory: Path, z: np.ndarray, tiled: bool) -> tuple[np.ndarray, float]:
-    vae = AutoencoderKL.from_pretrained(directory, subfolder="vae").eval()
+def diffusers_decode(directory: Path, z: np.ndarray, tiled: bool, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, float]:  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", dtype=dtype).to(device).eval()
     if tiled:
         vae.enable_tiling()
     started = time.perf_counter()
     with torch.inference_mode():
-        sample = vae.decode(torch.from_numpy(z) / vae.config.scaling_factor).sample
+        sample = vae.decode(torch.from_numpy(z).to(device, dtype) / vae.config.scaling_factor).sample
+    # The pixels first: on a GPU, copying them to the CPU waits for the decode to end.
     return to_pixels(sample), time.perf_counter() - started
 
 
@@ -90,12 +94,18 @@ def diffusers_tiled_in_own_process(directory: Path, z: np.ndarray) -> tuple[floa
 
 def farm_decode(config: FarmConfig, model: str, z: np.ndarray, tile: int) -> tuple[np.ndarray, float, list[int]]:
     """The image, wall time and each VAE replica's peak RSS, on a fresh farm."""
-    with EmbeddedFarm(config) as farm, rf.Client(farm.address) as client:
+    with EmbeddedFarm(config) as farm:
+        return timed_decode(farm, model, z, tile)
+
+
+def timed_decode(farm: EmbeddedFarm, model: str, z: np.ndarray, tile: int) -> tuple[np.ndarray, float, list[int]]:
+    """The image, wall time and each VAE replica's peak RSS (so far), on a running farm."""
+    with rf.Client(farm.address) as client:
         client.decode(latents(64, 64), model=model, tile=tile).wait()  # load the VAE outside the timing
         started = time.perf_counter()
         (result,) = client.decode(z, model=model, tile=tile).results()
         seconds = time.perf_counter() - started
-        peaks = [replica.peak_rss_bytes for replica in farm.farm.stats().stages["decoder"].replicas]
+    peaks = [replica.peak_rss_bytes for replica in farm.farm.stats().stages["decoder"].replicas]
     return np.asarray(result.image), seconds, peaks
 
 

@@ -34,19 +34,40 @@ def _at_least(config, minimum, *keys: str) -> None:
             raise ConfigValueError(key, f"must be at least {minimum} (got {value})")
 
 
+def _one_of(config, key: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(config, key)
+    if value is not None and value not in allowed:
+        raise ConfigValueError(key, f"must be one of {', '.join(allowed)} (got {value!r})")
+
+
+# The dtypes a pool's models can run in, by torch's names.
+DTYPES = ("float16", "bfloat16", "float32")
+# torch.compile's modes.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 @dataclass(frozen=True)
 class PoolConfig:
-    """One stage's actor pool: how many replicas, and what share of a GPU each takes."""
+    """One stage's actor pool: how many replicas, what share of a GPU each takes, and how its models run."""
 
     replicas: int = 1
     num_gpus: float = 0.0
     # CPUs each replica reserves. 0 lets a small machine place every stage; a
     # replica then runs torch on one thread (Ray sets OMP_NUM_THREADS).
     num_cpus: float = 0.0
+    # One of DTYPES; None: float16 on CUDA, float32 on CPU (where the pixels are diffusers' exactly).
+    dtype: str | None = None
+    # The UNet's and the VAE's weights in channels-last memory format: faster convolutions on most GPUs,
+    # and pixels that may differ by a level.
+    channels_last: bool = False
+    # torch.compile of the UNet and the VAE decoder in one of COMPILE_MODES; None runs them eagerly.
+    compile: str | None = None
 
     def __post_init__(self):
         _at_least(self, 1, "replicas")
         _at_least(self, 0, "num_gpus", "num_cpus")
+        _one_of(self, "dtype", DTYPES)
+        _one_of(self, "compile", COMPILE_MODES)
 
 
 @dataclass(frozen=True)
@@ -179,3 +200,16 @@ class FarmConfig:
             raise ConfigValueError("tls_client_ca_file", "needs tls_cert_file and tls_key_file (mTLS is TLS first)")
         _at_least(self, 1, "max_batch", "max_batch_pixels", "tiled_decode_above_pixels", "decode_tile", "upscale_tile")
         _at_least(self, 0, "batch_wait_s")
+        for key, reason in _NOT_POOL_OPTIONS.items():
+            pool, option = key.split(".")
+            if getattr(getattr(self, pool), option):
+                raise ConfigValueError(key, f"is not an option: {reason}")
+
+
+# The speed options that a pool refuses, and why.
+_NOT_POOL_OPTIONS = {
+    "encoders.channels_last": "it acts on UNets and VAEs, and the text encoders have neither",
+    "encoders.compile": "it acts on UNets and VAEs, and the text encoders have neither",
+    "upscalers.compile": "an upscale's UNet windows meet on threads at every GroupNorm, which torch.compile "
+    "cannot trace",
+}

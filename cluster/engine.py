@@ -171,8 +171,9 @@ class Engine:
         # Items whose results were recorded before the failure (one image of a chained batch) are done.
         left = [item for item in batch.items if (job := self._active.get(item.job)) and not job.is_done(item.spec)]
         self._scheduler.finished([item for item in batch.items if item not in left])
-        if failure == Failure.OUT_OF_MEMORY and len(left) > 1:
-            log.warning("a batch of %d ran out of memory; splitting it", len(left))
+        # However few its items, a batch padded to more than one image can shrink.
+        if failure == Failure.OUT_OF_MEMORY and left and batch.shape > 1:
+            log.warning("a batch of %d (at shape %d) ran out of memory; splitting it", len(left), batch.shape)
             self._scheduler.split(Batch(batch.stage, batch.replica, batch.model, left, batch.shape))
             return
         now = asyncio.get_running_loop().time()

@@ -96,7 +96,7 @@ class _Pool:
             max_restarts=-1,
             max_task_retries=0,
         )
-        self.actors = [actor_class.options(**options).remote(model_cache_dir) for _ in range(config.replicas)]
+        self.actors = [actor_class.options(**options).remote(model_cache_dir, config) for _ in range(config.replicas)]
         self.nodes: list[str | None] = [None] * len(self.actors)
         # Each replica's actor id, by which a RayActorError names it.
         self.ids: list[str | None] = [None] * len(self.actors)

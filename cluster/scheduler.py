@@ -394,13 +394,16 @@ class Scheduler:
             job.push_retry(item, next(self._order))
 
     def split(self, batch: Batch) -> None:
-        """A batch that ran out of memory runs again as two halves, each at half the shape, first on its stage.
+        """A batch that ran out of memory runs again as two halves, each at half the shape, first on its stage
+        (a batch of one item: that item, at half the shape).
 
         Its items stay in flight; the engine releases the batch's replica as for any batch."""
         middle = (len(batch.items) + 1) // 2
         shape = (batch.shape + 1) // 2
         halves = [
-            Batch(batch.stage, -1, batch.model, part, shape) for part in (batch.items[:middle], batch.items[middle:])
+            Batch(batch.stage, -1, batch.model, part, shape)
+            for part in (batch.items[:middle], batch.items[middle:])
+            if part
         ]
         self._pinned.setdefault(batch.stage, []).extend(halves)
 

@@ -19,6 +19,12 @@ DIRECTORIES = dict(output_dir=Path("out"), model_cache_dir=Path("models"), state
         (lambda: PoolConfig(num_gpus=-0.25), "num_gpus must be at least 0 (got -0.25)"),
         (lambda: PoolConfig(num_cpus=-1), "num_cpus must be at least 0 (got -1)"),
         (lambda: PoolConfig(num_gpus=float("nan")), "num_gpus must be at least 0 (got nan)"),
+        (lambda: PoolConfig(dtype="half"), "dtype must be one of float16, bfloat16, float32 (got 'half')"),
+        (lambda: PoolConfig(dtype="fp16"), "dtype must be one of float16, bfloat16, float32 (got 'fp16')"),
+        (lambda: PoolConfig(compile="fast"), "compile must be one of default, reduce-overhead, max-autotune (got 'fast')"),
+        (lambda: FarmConfig(**DIRECTORIES, encoders=PoolConfig(compile="default")), "encoders.compile is not an option: it acts on UNets and VAEs, and the text encoders have neither"),
+        (lambda: FarmConfig(**DIRECTORIES, encoders=PoolConfig(channels_last=True)), "encoders.channels_last is not an option: it acts on UNets and VAEs, and the text encoders have neither"),
+        (lambda: FarmConfig(**DIRECTORIES, upscalers=PoolConfig(compile="default")), "upscalers.compile is not an option: an upscale's UNet windows meet on threads at every GroupNorm, which torch.compile cannot trace"),
         (lambda: LimitsConfig(max_side=0), "max_side must be at least 1 (got 0)"),
         (lambda: LimitsConfig(max_pixels=-1), "max_pixels must be at least 1 (got -1)"),
         # Raising max_source_bytes alone: the default request limit would refuse the images it allows.
@@ -63,6 +69,11 @@ def test_the_defaults_and_the_edges_are_accepted():
     FarmConfig(**DIRECTORIES)
     FarmConfig(**DIRECTORIES, port=65535, max_batch=1, decode_tile=1, upscale_tile=1, tiled_decode_above_pixels=1)
     PoolConfig(replicas=1, num_gpus=0.0, num_cpus=0.0)
+    for dtype in ("float16", "bfloat16", "float32"):
+        assert PoolConfig(dtype=dtype).dtype == dtype
+    for mode in ("default", "reduce-overhead", "max-autotune"):
+        FarmConfig(**DIRECTORIES, denoisers=PoolConfig(compile=mode), decoders=PoolConfig(compile=mode))
+    FarmConfig(**DIRECTORIES, encoders=PoolConfig(dtype="float32"), upscalers=PoolConfig(channels_last=True))
     RetryConfig(max_attempts=1, backoff_s=0.0, max_backoff_s=0.0)
     LimitsConfig(**{field.name: 1 for field in dataclasses.fields(LimitsConfig)}
                  | {"max_request_bytes": 1 + REQUEST_BYTES_BESIDES_SOURCES})  # fmt: skip

@@ -45,10 +45,15 @@ num_gpus = 0.1
 replicas = 4
 num_gpus = 0.5
 num_cpus = 1
+dtype = "bfloat16"
+channels_last = true
+compile = "max-autotune"
 
 [decoders]
 replicas = 2
 num_gpus = 0.2
+dtype = "float32"
+compile = "reduce-overhead"
 
 [limits]
 max_steps = 150
@@ -71,8 +76,10 @@ def test_a_full_file_loads_into_the_dataclasses(tmp_path):
         tiled_decode_above_pixels=2_000_000,
         decode_tile=256,
         encoders=PoolConfig(replicas=1, num_gpus=0.1),
-        denoisers=PoolConfig(replicas=4, num_gpus=0.5, num_cpus=1.0),
-        decoders=PoolConfig(replicas=2, num_gpus=0.2),
+        denoisers=PoolConfig(
+            replicas=4, num_gpus=0.5, num_cpus=1.0, dtype="bfloat16", channels_last=True, compile="max-autotune"
+        ),
+        decoders=PoolConfig(replicas=2, num_gpus=0.2, dtype="float32", compile="reduce-overhead"),
         limits=LimitsConfig(max_steps=150, max_concurrent_jobs=8),
         retries=RetryConfig(max_attempts=2, backoff_s=1.0),
     )
@@ -95,6 +102,9 @@ def test_only_the_required_keys_leave_everything_else_at_its_default(tmp_path):
         ('port = "50051"', 'farm.toml: port must be an integer (got "50051")'),
         ("ray_address = 6379", "farm.toml: ray_address must be a string (got 6379)"),
         ("denoisers = 2", "farm.toml: denoisers must be a table ([denoisers]), got 2"),
+        ("[denoisers]\ndtype = 16", "farm.toml: denoisers.dtype must be a string (got 16)"),
+        ("[decoders]\nchannels_last = 1", "farm.toml: decoders.channels_last must be true or false (got 1)"),
+        ("[denoisers]\ncompile = true", "farm.toml: denoisers.compile must be a string (got true)"),
     ],
 )
 def test_a_wrong_type_names_the_key_and_the_value(tmp_path, text, message):
@@ -150,7 +160,9 @@ def readme_toml(containing: str) -> str:
 
 def test_the_readmes_example_loads(tmp_path):
     config = load_config(write(tmp_path, readme_toml("output_dir")))
-    assert config.denoisers == PoolConfig(replicas=4, num_gpus=0.5, num_cpus=1.0)
+    assert config.denoisers == PoolConfig(
+        replicas=4, num_gpus=0.5, num_cpus=1.0, dtype="bfloat16", channels_last=True, compile="reduce-overhead"
+    )
     assert config.ray_address == "farm-renderfarm-ray-head-svc:6379"
     assert config.auth.keys_file == Path("/etc/renderfarm/keys.toml") and config.health_port == 50052
 
@@ -175,6 +187,10 @@ def test_the_readmes_keys_file_entry_loads(tmp_path):
         ("[encoders]\nnum_gpus = -0.5", "encoders.num_gpus must be at least 0 (got -0.5)"),
         ("[encoders]\nnum_gpus = nan", "encoders.num_gpus must be at least 0 (got nan)"),
         ("[decoders]\nnum_cpus = -1", "decoders.num_cpus must be at least 0 (got -1.0)"),
+        ('[decoders]\ndtype = "half"', "decoders.dtype must be one of float16, bfloat16, float32 (got 'half')"),
+        ('[denoisers]\ncompile = "max"', "denoisers.compile must be one of default, reduce-overhead, max-autotune (got 'max')"),
+        ('[encoders]\ncompile = "default"', "encoders.compile is not an option: it acts on UNets and VAEs, and the text encoders have neither"),
+        ('[upscalers]\ncompile = "default"', "upscalers.compile is not an option: an upscale's UNet windows meet on threads at every GroupNorm, which torch.compile cannot trace"),
         ("[limits]\nmax_steps = 0", "limits.max_steps must be at least 1 (got 0)"),
         ("[limits]\nmax_concurrent_jobs = -1", "limits.max_concurrent_jobs must be at least 1 (got -1)"),
         ("[limits]\nmax_request_bytes = 1000", "limits.max_request_bytes must be at least max_source_bytes + 1048576, 68157440 (got 1000)"),

@@ -669,6 +669,18 @@ def test_an_odd_batch_splits_into_unequal_halves():
     assert all(h.shape == 2 for h in halves)
 
 
+def test_a_lone_item_out_of_memory_comes_back_alone_at_half_the_shape():
+    farm = Farm({D: 8}, {D: (1, 1)})
+    farm.add("job", 1)
+    [batch] = farm.schedule()
+    assert batch.shape == 8
+    farm.running[(D, 0)].remove(batch)
+    farm.sched.split(batch)
+    farm.sched.release(D, 0)
+    [half] = farm.schedule()
+    assert half.items == batch.items and half.shape == 4
+
+
 # -- 13. laziness ------------------------------------------------------------------------------------
 
 
